@@ -1,0 +1,207 @@
+"""Typed records: the seeds' DicomStateMeta, DicomImageMeta, DicomObjectMeta, and the storage event.
+
+Field names and length bounds follow the seeds' tables exactly (schemas/sql/). A
+record serialised by :mod:`schemas.codec` is a row of the Doris table of the same
+name, so the seeds' Routine Load column lists accept the topic messages unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import date, datetime, time
+from typing import Any
+
+__all__ = [
+    "DicomStateMeta",
+    "DicomImageMeta",
+    "DicomObjectMeta",
+    "StorageEvent",
+    "bounds",
+    "series_key",
+]
+
+
+def _b(n: int) -> Any:
+    """A required string field bounded to ``n`` characters (the seeds' BoundedString<N>)."""
+    return field(metadata={"max_len": n})
+
+
+def _o(n: int) -> Any:
+    """An optional string field bounded to ``n`` characters."""
+    return field(default=None, metadata={"max_len": n})
+
+
+def bounds(cls: type) -> dict[str, int]:
+    """Length bound of every bounded string field of a record class."""
+    return {f.name: f.metadata["max_len"] for f in dataclasses.fields(cls) if "max_len" in f.metadata}
+
+
+def series_key(tenant_id: str, study_uid: str, series_uid: str) -> str:
+    """The message key that keeps one series in one partition."""
+    return f"{tenant_id}/{study_uid}/{series_uid}"
+
+
+@dataclass(slots=True)
+class DicomStateMeta:
+    """Series-level state (PostgreSQL and Doris ``dicom_state_meta``)."""
+
+    tenant_id: str = _b(64)
+    patient_id: str = _b(64)
+    study_uid: str = _b(64)
+    series_uid: str = _b(64)
+    study_uid_hash: str = _b(20)
+    series_uid_hash: str = _b(20)
+    study_date_origin: str = _b(8)
+    study_date: date
+    accession_number: str = _b(16)
+    patient_name: str | None = _o(64)
+    patient_sex: str | None = _o(1)
+    patient_birth_date: date | None = None
+    patient_birth_time: time | None = None
+    patient_age: str | None = _o(16)
+    patient_size: float | None = None
+    patient_weight: float | None = None
+    pregnancy_status: int | None = None
+    study_time: time | None = None
+    study_id: str | None = _o(16)
+    study_description: str | None = _o(64)
+    modality: str | None = _o(16)
+    series_number: int | None = None
+    series_date: date | None = None
+    series_time: time | None = None
+    series_description: str | None = _o(256)
+    body_part_examined: str | None = _o(64)
+    protocol_name: str | None = _o(64)
+    series_related_instances: int | None = None
+    created_time: datetime | None = None
+    updated_time: datetime | None = None
+
+    @property
+    def key(self) -> str:
+        return series_key(self.tenant_id, self.study_uid, self.series_uid)
+
+
+@dataclass(slots=True)
+class DicomImageMeta:
+    """Instance-level image metadata (Doris ``dicom_image_meta``)."""
+
+    tenant_id: str = _b(64)
+    patient_id: str = _b(64)
+    study_uid: str = _b(64)
+    series_uid: str = _b(64)
+    sop_uid: str = _b(64)
+    study_uid_hash: str = _b(20)
+    series_uid_hash: str = _b(20)
+    study_date_origin: str = _b(8)
+    transfer_syntax_uid: str = _b(64)
+    sop_class_uid: str = _b(64)
+    content_date: date | None = None
+    content_time: time | None = None
+    instance_number: int | None = None
+    image_type: str | None = _o(128)
+    image_orientation_patient: str | None = _o(128)
+    image_position_patient: str | None = _o(64)
+    slice_thickness: float | None = None
+    spacing_between_slices: float | None = None
+    slice_location: float | None = None
+    samples_per_pixel: int | None = None
+    photometric_interpretation: str | None = _o(32)
+    width: int | None = None
+    columns: int | None = None
+    bits_allocated: int | None = None
+    bits_stored: int | None = None
+    high_bit: int | None = None
+    pixel_representation: int | None = None
+    rescale_intercept: float | None = None
+    rescale_slope: float | None = None
+    rescale_type: str | None = _o(64)
+    window_center: str | None = _o(64)
+    window_width: str | None = _o(64)
+    pixel_data_location: str | None = _o(512)
+    thumbnail_location: str | None = _o(512)
+    image_status: str | None = _o(32)
+    space_size: int | None = None
+    created_time: datetime | None = None
+    updated_time: datetime | None = None
+
+    @property
+    def key(self) -> str:
+        return series_key(self.tenant_id, self.study_uid, self.series_uid)
+
+
+@dataclass(slots=True)
+class DicomObjectMeta:
+    """One row of the per-file transfer log (Doris ``dicom_object_meta``).
+
+    Written for every storage event, successful or not: ``transfer_status`` is
+    ``SUCCESS`` or the error code that dead-lettered the event.
+    """
+
+    trace_id: str = _b(36)
+    worker_node_id: str = _b(64)
+    tenant_id: str = _b(64)
+    patient_id: str = _b(64)
+    study_uid: str | None = _o(64)
+    series_uid: str | None = _o(64)
+    sop_uid: str | None = _o(64)
+    file_size: int | None = None
+    file_path: str | None = _o(512)
+    transfer_syntax_uid: str | None = _o(64)
+    number_of_frames: int | None = None
+    created_time: datetime | None = None
+    series_uid_hash: str | None = _o(20)
+    study_uid_hash: str | None = _o(20)
+    accession_number: str | None = _o(64)
+    target_ts: str | None = _o(64)
+    study_date: date | None = None
+    transfer_status: str | None = _o(64)
+    source_ip: str | None = _o(64)
+    source_ae: str | None = _o(64)
+
+    @property
+    def key(self) -> str | None:
+        if self.study_uid and self.series_uid:
+            return series_key(self.tenant_id, self.study_uid, self.series_uid)
+        return None
+
+
+@dataclass(slots=True)
+class StorageEvent:
+    """What a feeder publishes to ``storage_queue`` (contract: storage_event.v1.schema.json).
+
+    ``tenant_id``, ``file_path`` and ``trace_id`` are required; every other field is an
+    optional ``dicom_object_meta`` column known at receive time.
+    """
+
+    tenant_id: str
+    file_path: str
+    trace_id: str
+    worker_node_id: str | None = None
+    patient_id: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_uid: str | None = None
+    file_size: int | None = None
+    transfer_syntax_uid: str | None = None
+    number_of_frames: int | None = None
+    created_time: str | None = None
+    series_uid_hash: str | None = None
+    study_uid_hash: str | None = None
+    accession_number: str | None = None
+    target_ts: str | None = None
+    study_date: str | None = None
+    transfer_status: str | None = None
+    source_ip: str | None = None
+    source_ae: str | None = None
+
+    @property
+    def key(self) -> str | None:
+        if self.study_uid and self.series_uid:
+            return series_key(self.tenant_id, self.study_uid, self.series_uid)
+        return None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StorageEvent:
+        """Build from an already-validated event dict (see :mod:`schemas.contract`)."""
+        return cls(**data)

@@ -1,0 +1,215 @@
+"""Settings: the only place dicomflow reads the environment.
+
+Every value is passed on explicitly from here into constructors. Secrets (the
+PostgreSQL DSN's password, the Doris password) are held as :class:`Secret` so that
+``repr``/logging never shows them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from dicomflow.errors import ConfigError
+
+__all__ = ["Secret", "Settings", "mask_dsn"]
+
+
+class Secret:
+    """A string that never prints itself."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('****')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def mask_dsn(dsn: str) -> str:
+    """Return ``dsn`` with any password replaced by ``****`` (for logs and status output)."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "****"
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":****@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}", field=name) from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}", field=name)
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}", field=name) from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}", field=name)
+    return value
+
+
+def _mapping(env: Mapping[str, str], name: str) -> dict[str, str]:
+    """Parse ``A=x,B=y`` into a dict; used for AE-title to tenant maps."""
+    raw = env.get(name, "").strip()
+    out: dict[str, str] = {}
+    if not raw:
+        return out
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"{name} entries must look like KEY=tenant, got {item!r}", field=name)
+        out[key.strip()] = value.strip()
+    return out
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Effective configuration. Build with :meth:`from_env`; override with :meth:`replace`."""
+
+    home: Path
+    storage_root: Path
+    broker: str | None
+    partitions: int
+    app_id: str
+    worker_id: str
+    web_port: int
+    series_window_seconds: float
+    postgres_dsn: Secret | None
+    doris_fe_url: str | None
+    doris_user: str
+    doris_password: Secret
+    doris_database: str
+    doris_tables: dict[str, str]
+    doris_max_rows: int
+    doris_max_bytes: int
+    doris_max_interval: float
+    scp_host: str
+    scp_port: int
+    scp_aet: str
+    default_tenant: str | None
+    tenant_by_calling_ae: dict[str, str]
+    tenant_by_called_ae: dict[str, str]
+    tenant_from_private_tag: bool
+    tls_cert: Path | None
+    tls_key: Path | None
+    log_level: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        home = Path(env.get("DICOMFLOW_HOME") or Path.home() / ".dicomflow").expanduser()
+        storage_root = Path(env.get("DICOMFLOW_STORAGE_ROOT") or home / "storage").expanduser()
+        broker = env.get("DICOMFLOW_BROKER") or None
+        if broker is not None and not broker.startswith(("kafka://", "aiokafka://")):
+            raise ConfigError(
+                f"DICOMFLOW_BROKER must look like kafka://host:port, got {broker!r}",
+                field="DICOMFLOW_BROKER",
+            )
+        dsn = env.get("DICOMFLOW_POSTGRES_DSN") or None
+        tables = {
+            "state": env.get("DICOMFLOW_DORIS_STATE_TABLE") or "dicom_state_meta",
+            "image": env.get("DICOMFLOW_DORIS_IMAGE_TABLE") or "dicom_image_meta",
+            "object": env.get("DICOMFLOW_DORIS_OBJECT_TABLE") or "dicom_object_meta",
+        }
+        cert = env.get("DICOMFLOW_SCP_TLS_CERT") or None
+        key = env.get("DICOMFLOW_SCP_TLS_KEY") or None
+        if bool(cert) != bool(key):
+            raise ConfigError(
+                "DICOMFLOW_SCP_TLS_CERT and DICOMFLOW_SCP_TLS_KEY must be set together",
+                field="DICOMFLOW_SCP_TLS_CERT",
+            )
+        return cls(
+            home=home,
+            storage_root=storage_root,
+            broker=broker,
+            partitions=_int(env, "DICOMFLOW_PARTITIONS", 4, minimum=1),
+            app_id=env.get("DICOMFLOW_APP_ID") or "dicomflow",
+            worker_id=env.get("DICOMFLOW_WORKER_ID") or socket.gethostname(),
+            web_port=_int(env, "DICOMFLOW_WEB_PORT", 6066, minimum=1),
+            series_window_seconds=_float(env, "DICOMFLOW_SERIES_WINDOW_SECONDS", 5.0, minimum=0.1),
+            postgres_dsn=Secret(dsn) if dsn else None,
+            doris_fe_url=(env.get("DICOMFLOW_DORIS_FE_URL") or "").rstrip("/") or None,
+            doris_user=env.get("DICOMFLOW_DORIS_USER") or "root",
+            doris_password=Secret(env.get("DICOMFLOW_DORIS_PASSWORD") or ""),
+            doris_database=env.get("DICOMFLOW_DORIS_DATABASE") or "dicomflow",
+            doris_tables=tables,
+            doris_max_rows=_int(env, "DICOMFLOW_DORIS_MAX_ROWS", 5000, minimum=1),
+            doris_max_bytes=_int(env, "DICOMFLOW_DORIS_MAX_BYTES", 16 * 1024 * 1024, minimum=1024),
+            doris_max_interval=_float(env, "DICOMFLOW_DORIS_MAX_INTERVAL", 2.0, minimum=0.05),
+            scp_host=env.get("DICOMFLOW_SCP_HOST") or "0.0.0.0",
+            scp_port=_int(env, "DICOMFLOW_SCP_PORT", 11112, minimum=1),
+            scp_aet=env.get("DICOMFLOW_SCP_AET") or "DICOMFLOW",
+            default_tenant=env.get("DICOMFLOW_DEFAULT_TENANT") or None,
+            tenant_by_calling_ae=_mapping(env, "DICOMFLOW_TENANT_BY_CALLING_AE"),
+            tenant_by_called_ae=_mapping(env, "DICOMFLOW_TENANT_BY_CALLED_AE"),
+            tenant_from_private_tag=(env.get("DICOMFLOW_TENANT_FROM_PRIVATE_TAG", "").lower()
+                                     in ("1", "true", "yes")),
+            tls_cert=Path(cert) if cert else None,
+            tls_key=Path(key) if key else None,
+            log_level=(env.get("DICOMFLOW_LOG_LEVEL") or "INFO").upper(),
+        )
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker is None
+
+    @property
+    def doris_enabled(self) -> bool:
+        return self.doris_fe_url is not None
+
+    def describe(self) -> dict[str, Any]:
+        """The effective configuration with secrets masked, for the start-up log line."""
+        return {
+            "home": str(self.home),
+            "storage_root": str(self.storage_root),
+            "broker": self.broker or "embedded",
+            "partitions": self.partitions,
+            "app_id": self.app_id,
+            "worker_id": self.worker_id,
+            "series_window_seconds": self.series_window_seconds,
+            "postgres_dsn": mask_dsn(self.postgres_dsn.get()) if self.postgres_dsn else "embedded",
+            "doris_fe_url": self.doris_fe_url or "off",
+            "doris_user": self.doris_user,
+            "doris_database": self.doris_database,
+            "scp": f"{self.scp_aet}@{self.scp_host}:{self.scp_port}",
+        }
