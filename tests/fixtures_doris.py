@@ -1,0 +1,1 @@
+"""Doris Stream Load emulator fixtures."""
