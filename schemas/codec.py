@@ -48,7 +48,7 @@ def loads(data: bytes | str) -> Any:
 
 def to_row(record: Any) -> dict[str, Any]:
     """A record as a dict of JSON-ready values (the shape of a table row)."""
-    return orjson.loads(dumps(record))  # type: ignore[no-any-return]
+    return orjson.loads(dumps(record))
 
 
 def _parse_datetime(value: str) -> datetime:

@@ -26,7 +26,7 @@ _SCHEMA_FILE = "storage_event.v1.schema.json"
 @functools.cache
 def schema() -> dict[str, Any]:
     text = resources.files("schemas").joinpath(_SCHEMA_FILE).read_bytes()
-    return orjson.loads(text)  # type: ignore[no-any-return]
+    return orjson.loads(text)
 
 
 @functools.cache

@@ -41,7 +41,7 @@ DEFAULT_TRANSFER_SYNTAX = "1.2.840.10008.1.2"
 TENANT_PRIVATE_TAG = 0x12111217
 
 # Only these tags are decoded; skipping the rest makes header reads markedly cheaper.
-_TAGS = [
+_TAGS: list[int | str] = [
     "SpecificCharacterSet", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
     "SOPClassUID", "StudyDate", "AccessionNumber", "Modality", "PatientName", "PatientSex",
     "PatientBirthDate", "PatientBirthTime", "PatientAge", "PatientSize", "PatientWeight",
@@ -74,12 +74,12 @@ def read_header(path: str | os.PathLike[str]) -> Dataset:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
+                return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)  # type: ignore[arg-type]
             except InvalidDicomError:
                 # Files without the 128-byte preamble (ACR-NEMA style, or a raw dataset) are
                 # still DICOM; accept them only if a forced read finds real elements.
-                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=_TAGS)
-                if not any(elem.keyword for elem in ds):
+                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=_TAGS)  # type: ignore[arg-type]
+                if not any(elem.tag.group >= 0x0008 and elem.keyword for elem in ds):
                     raise ExtractionError(
                         "not a DICOM file: no preamble/DICM prefix and no recognisable elements",
                         code=Code.NOT_DICOM, field="file_path",

@@ -22,14 +22,9 @@ __all__ = [
 ]
 
 
-def _b(n: int) -> Any:
-    """A required string field bounded to ``n`` characters (the seeds' BoundedString<N>)."""
-    return field(metadata={"max_len": n})
-
-
-def _o(n: int) -> Any:
-    """An optional string field bounded to ``n`` characters."""
-    return field(default=None, metadata={"max_len": n})
+def _len(n: int) -> dict[str, int]:
+    """Field metadata: a string bounded to ``n`` bytes (the seeds' BoundedString<N>)."""
+    return {"max_len": n}
 
 
 def bounds(cls: type) -> dict[str, int]:
@@ -46,33 +41,33 @@ def series_key(tenant_id: str, study_uid: str, series_uid: str) -> str:
 class DicomStateMeta:
     """Series-level state (PostgreSQL and Doris ``dicom_state_meta``)."""
 
-    tenant_id: str = _b(64)
-    patient_id: str = _b(64)
-    study_uid: str = _b(64)
-    series_uid: str = _b(64)
-    study_uid_hash: str = _b(20)
-    series_uid_hash: str = _b(20)
-    study_date_origin: str = _b(8)
+    tenant_id: str = field(metadata=_len(64))
+    patient_id: str = field(metadata=_len(64))
+    study_uid: str = field(metadata=_len(64))
+    series_uid: str = field(metadata=_len(64))
+    study_uid_hash: str = field(metadata=_len(20))
+    series_uid_hash: str = field(metadata=_len(20))
+    study_date_origin: str = field(metadata=_len(8))
     study_date: date
-    accession_number: str = _b(16)
-    patient_name: str | None = _o(64)
-    patient_sex: str | None = _o(1)
+    accession_number: str = field(metadata=_len(16))
+    patient_name: str | None = field(default=None, metadata=_len(64))
+    patient_sex: str | None = field(default=None, metadata=_len(1))
     patient_birth_date: date | None = None
     patient_birth_time: time | None = None
-    patient_age: str | None = _o(16)
+    patient_age: str | None = field(default=None, metadata=_len(16))
     patient_size: float | None = None
     patient_weight: float | None = None
     pregnancy_status: int | None = None
     study_time: time | None = None
-    study_id: str | None = _o(16)
-    study_description: str | None = _o(64)
-    modality: str | None = _o(16)
+    study_id: str | None = field(default=None, metadata=_len(16))
+    study_description: str | None = field(default=None, metadata=_len(64))
+    modality: str | None = field(default=None, metadata=_len(16))
     series_number: int | None = None
     series_date: date | None = None
     series_time: time | None = None
-    series_description: str | None = _o(256)
-    body_part_examined: str | None = _o(64)
-    protocol_name: str | None = _o(64)
+    series_description: str | None = field(default=None, metadata=_len(256))
+    body_part_examined: str | None = field(default=None, metadata=_len(64))
+    protocol_name: str | None = field(default=None, metadata=_len(64))
     series_related_instances: int | None = None
     created_time: datetime | None = None
     updated_time: datetime | None = None
@@ -86,27 +81,27 @@ class DicomStateMeta:
 class DicomImageMeta:
     """Instance-level image metadata (Doris ``dicom_image_meta``)."""
 
-    tenant_id: str = _b(64)
-    patient_id: str = _b(64)
-    study_uid: str = _b(64)
-    series_uid: str = _b(64)
-    sop_uid: str = _b(64)
-    study_uid_hash: str = _b(20)
-    series_uid_hash: str = _b(20)
-    study_date_origin: str = _b(8)
-    transfer_syntax_uid: str = _b(64)
-    sop_class_uid: str = _b(64)
+    tenant_id: str = field(metadata=_len(64))
+    patient_id: str = field(metadata=_len(64))
+    study_uid: str = field(metadata=_len(64))
+    series_uid: str = field(metadata=_len(64))
+    sop_uid: str = field(metadata=_len(64))
+    study_uid_hash: str = field(metadata=_len(20))
+    series_uid_hash: str = field(metadata=_len(20))
+    study_date_origin: str = field(metadata=_len(8))
+    transfer_syntax_uid: str = field(metadata=_len(64))
+    sop_class_uid: str = field(metadata=_len(64))
     content_date: date | None = None
     content_time: time | None = None
     instance_number: int | None = None
-    image_type: str | None = _o(128)
-    image_orientation_patient: str | None = _o(128)
-    image_position_patient: str | None = _o(64)
+    image_type: str | None = field(default=None, metadata=_len(128))
+    image_orientation_patient: str | None = field(default=None, metadata=_len(128))
+    image_position_patient: str | None = field(default=None, metadata=_len(64))
     slice_thickness: float | None = None
     spacing_between_slices: float | None = None
     slice_location: float | None = None
     samples_per_pixel: int | None = None
-    photometric_interpretation: str | None = _o(32)
+    photometric_interpretation: str | None = field(default=None, metadata=_len(32))
     width: int | None = None
     columns: int | None = None
     bits_allocated: int | None = None
@@ -115,12 +110,12 @@ class DicomImageMeta:
     pixel_representation: int | None = None
     rescale_intercept: float | None = None
     rescale_slope: float | None = None
-    rescale_type: str | None = _o(64)
-    window_center: str | None = _o(64)
-    window_width: str | None = _o(64)
-    pixel_data_location: str | None = _o(512)
-    thumbnail_location: str | None = _o(512)
-    image_status: str | None = _o(32)
+    rescale_type: str | None = field(default=None, metadata=_len(64))
+    window_center: str | None = field(default=None, metadata=_len(64))
+    window_width: str | None = field(default=None, metadata=_len(64))
+    pixel_data_location: str | None = field(default=None, metadata=_len(512))
+    thumbnail_location: str | None = field(default=None, metadata=_len(512))
+    image_status: str | None = field(default=None, metadata=_len(32))
     space_size: int | None = None
     created_time: datetime | None = None
     updated_time: datetime | None = None
@@ -138,26 +133,26 @@ class DicomObjectMeta:
     ``SUCCESS`` or the error code that dead-lettered the event.
     """
 
-    trace_id: str = _b(36)
-    worker_node_id: str = _b(64)
-    tenant_id: str = _b(64)
-    patient_id: str = _b(64)
-    study_uid: str | None = _o(64)
-    series_uid: str | None = _o(64)
-    sop_uid: str | None = _o(64)
+    trace_id: str = field(metadata=_len(36))
+    worker_node_id: str = field(metadata=_len(64))
+    tenant_id: str = field(metadata=_len(64))
+    patient_id: str = field(metadata=_len(64))
+    study_uid: str | None = field(default=None, metadata=_len(64))
+    series_uid: str | None = field(default=None, metadata=_len(64))
+    sop_uid: str | None = field(default=None, metadata=_len(64))
     file_size: int | None = None
-    file_path: str | None = _o(512)
-    transfer_syntax_uid: str | None = _o(64)
+    file_path: str | None = field(default=None, metadata=_len(512))
+    transfer_syntax_uid: str | None = field(default=None, metadata=_len(64))
     number_of_frames: int | None = None
     created_time: datetime | None = None
-    series_uid_hash: str | None = _o(20)
-    study_uid_hash: str | None = _o(20)
-    accession_number: str | None = _o(64)
-    target_ts: str | None = _o(64)
+    series_uid_hash: str | None = field(default=None, metadata=_len(20))
+    study_uid_hash: str | None = field(default=None, metadata=_len(20))
+    accession_number: str | None = field(default=None, metadata=_len(64))
+    target_ts: str | None = field(default=None, metadata=_len(64))
     study_date: date | None = None
-    transfer_status: str | None = _o(64)
-    source_ip: str | None = _o(64)
-    source_ae: str | None = _o(64)
+    transfer_status: str | None = field(default=None, metadata=_len(64))
+    source_ip: str | None = field(default=None, metadata=_len(64))
+    source_ae: str | None = field(default=None, metadata=_len(64))
 
     @property
     def key(self) -> str | None:
