@@ -98,6 +98,14 @@ def _mapping(env: Mapping[str, str], name: str) -> dict[str, str]:
     return out
 
 
+def _profile(env: Mapping[str, str], broker: str | None) -> str:
+    raw = (env.get("DICOMFLOW_BROKER_PROFILE") or ("tansu" if broker is None else "kafka")).lower()
+    if raw not in ("tansu", "kafka"):
+        raise ConfigError(f"DICOMFLOW_BROKER_PROFILE must be tansu or kafka, got {raw!r}",
+                          field="DICOMFLOW_BROKER_PROFILE")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     """Effective configuration. Build with :meth:`from_env`; override with :meth:`replace`."""
@@ -129,6 +137,9 @@ class Settings:
     tls_cert: Path | None
     tls_key: Path | None
     log_level: str
+    broker_profile: str
+    embedded_broker_port: int
+    replication: int
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -184,6 +195,9 @@ class Settings:
             tls_cert=Path(cert) if cert else None,
             tls_key=Path(key) if key else None,
             log_level=(env.get("DICOMFLOW_LOG_LEVEL") or "INFO").upper(),
+            broker_profile=_profile(env, broker),
+            embedded_broker_port=_int(env, "DICOMFLOW_EMBEDDED_BROKER_PORT", 19092, minimum=1),
+            replication=_int(env, "DICOMFLOW_REPLICATION", 1, minimum=1),
         )
 
     def replace(self, **changes: Any) -> Settings:
@@ -194,6 +208,11 @@ class Settings:
         return self.broker is None
 
     @property
+    def broker_url(self) -> str:
+        """The configured broker, or where the embedded one listens."""
+        return self.broker or f"kafka://127.0.0.1:{self.embedded_broker_port}"
+
+    @property
     def doris_enabled(self) -> bool:
         return self.doris_fe_url is not None
 
@@ -202,7 +221,8 @@ class Settings:
         return {
             "home": str(self.home),
             "storage_root": str(self.storage_root),
-            "broker": self.broker or "embedded",
+            "broker": self.broker or f"embedded ({self.broker_url})",
+            "broker_profile": self.broker_profile,
             "partitions": self.partitions,
             "app_id": self.app_id,
             "worker_id": self.worker_id,

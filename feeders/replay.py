@@ -1,0 +1,82 @@
+"""Re-publish dead letters to ``storage_queue`` once their cause is fixed.
+
+Reads ``storage_queue_dlq`` from the beginning up to its current end (no consumer
+group: a replay never hides letters from a later one). Re-publishing is safe to
+repeat: the events keep their trace ids, and every stage de-duplicates on them.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from dataclasses import dataclass, field
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from feeders.publisher import EventPublisher
+from streams.topology import DLQ
+
+__all__ = ["ReplaySummary", "replay_dead_letters"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplaySummary:
+    scanned: int = 0
+    replayed: int = 0
+    by_code: dict[str, int] = field(default_factory=dict)
+
+
+async def replay_dead_letters(bootstrap: str, publisher: EventPublisher, *, code: str | None = None,
+                              stage: str = "ingest") -> ReplaySummary:
+    summary = ReplaySummary()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(DLQ) or set()
+        tps = [TopicPartition(DLQ, p) for p in sorted(partitions)]
+        if not tps:
+            return summary
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        remaining = {tp for tp in tps if ends[tp] > 0}
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=1000)
+            for tp, messages in batch.items():
+                for msg in messages:
+                    summary.scanned += 1
+                    await _replay_one(msg.value, msg.key, publisher, code, stage, summary)
+                    if msg.offset + 1 >= ends[tp]:
+                        remaining.discard(tp)
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+    finally:
+        await consumer.stop()
+    return summary
+
+
+async def _replay_one(value: bytes | None, key: bytes | None, publisher: EventPublisher, code: str | None,
+                      stage: str, summary: ReplaySummary) -> None:
+    try:
+        letter = orjson.loads(value or b"")
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(letter, dict) or letter.get("stage") != stage:
+        return
+    letter_code = (letter.get("error") or {}).get("code")
+    if code is not None and letter_code != code:
+        return
+    if letter.get("original") is not None:
+        raw = orjson.dumps(letter["original"])
+    elif letter.get("original_raw_base64"):
+        raw = base64.b64decode(letter["original_raw_base64"])
+    else:
+        return
+    await publisher.publish_raw(raw, key.decode() if key else None)
+    summary.replayed += 1
+    summary.by_code[str(letter_code)] = summary.by_code.get(str(letter_code), 0) + 1
