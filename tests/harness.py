@@ -152,3 +152,31 @@ def copy_into(src: Path, root: Path, rel: str) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(src, dest)
     return dest
+
+
+async def read_all(broker_url: str, topic: str) -> list[Msg]:
+    """Everything currently in a topic (up to the end offsets read at the start)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_of(broker_url), enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: list[Msg] = []
+        deadline = time.monotonic() + 30
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < ends[tp] for tp in tps])
+
+        while await behind():
+            assert time.monotonic() < deadline, f"could not read {topic} to its end"
+            batch = await consumer.getmany(timeout_ms=300)
+            for tp, recs in batch.items():
+                out.extend(Msg(tp.topic, tp.partition, r.offset, r.key, r.value) for r in recs if r.offset < ends[tp])
+        return out
+    finally:
+        await consumer.stop()
