@@ -1,0 +1,387 @@
+"""Apache Doris sink: Stream Load over HTTP, one deterministic label per batch.
+
+Effectively-once comes from three things together (reference §3, §7):
+
+* the label is a pure function of (db, table, topic, partition, first and last offset),
+  so a retried or replayed batch reuses its label;
+* ``Label Already Exists`` with ``FINISHED`` means this exact batch is already in and
+  counts as success; with ``RUNNING`` the first attempt is still loading, so we wait;
+* any other failure rolls the Doris txn back, which frees the label for the retry.
+
+Rows Doris would filter are found before the load (:func:`schemas.ddl.check_row`) and
+dead-lettered with their column. ``max_filter_ratio: 0`` plus ``strict_mode: true`` make
+Doris refuse a load rather than drop or NULL a row silently; if it still refuses a
+batch as data, the batch is bisected by offset until the offending rows are isolated.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from dicomflow.errors import Code, SinkDataError, SinkRetryableError
+from schemas.ddl import TableSpec, check_row, table_spec
+from sinks.base import BatchingSink, Rejected, SinkBatch, SinkItem
+from streams.settings import Secret, Settings
+
+__all__ = [
+    "LoadResult",
+    "StreamLoadClient",
+    "DorisTableSink",
+    "make_label",
+    "LABEL_RE",
+    "SUCCESS_STATUSES",
+    "CANONICAL_TABLES",
+]
+
+log = logging.getLogger(__name__)
+
+LABEL_RE = re.compile(r"^[-_A-Za-z0-9:]{1,128}$")
+LABEL_MAX = 128
+SUCCESS_STATUSES = ("Success", "Publish Timeout")
+#: The DDL table behind each ``Settings.doris_tables`` kind (the configured name may differ).
+CANONICAL_TABLES = {"state": "dicom_state_meta", "image": "dicom_image_meta", "object": "dicom_object_meta"}
+_REDIRECTS = (301, 302, 303, 307, 308)
+_MAX_HOPS = 3
+_UNSAFE = re.compile(r"[^-_A-Za-z0-9]")
+_DATA_QUALITY = ("DATA_QUALITY_ERROR", "too many filtered rows", "Encountered unqualified data")
+_AUTH = ("Access denied", "no valid Basic authorization", "NOT_AUTHORIZED", "Unauthorized")
+_UNKNOWN_TARGET = ("unknown database", "unknown table")
+_COLUMN_IN_MESSAGE = re.compile(r"column_name\[(\w+)\]|column\((\w+)\)|column `(\w+)`")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    """A Stream Load that is done: its rows are in Doris (now or by an earlier attempt)."""
+
+    label: str
+    status: str
+    message: str
+    txn_id: int | None = None
+    total_rows: int = 0
+    loaded_rows: int = 0
+    filtered_rows: int = 0
+    #: ``Label Already Exists`` + ``FINISHED``: an earlier attempt loaded this batch.
+    already_loaded: bool = False
+    elapsed_s: float = 0.0
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+def _quote_column(name: str) -> str:
+    # Backquotes keep reserved words such as `columns` valid in the header's column list.
+    return "`" + name.replace("`", "``") + "`"
+
+
+def make_label(db: str, table: str, topic: str, partition: int, first_offset: int, last_offset: int,
+               *, prefix: str = "dicomflow") -> str:
+    """The deterministic Stream Load label of one offset range.
+
+    Parts are joined with ``:``, which none of the parts may contain after sanitising, so
+    two different ranges never share a label. When sanitising changed a part (a topic
+    with dots) or the label is too long, a hash of the exact inputs is appended, because
+    ``a.b`` and ``a_b`` would otherwise collide and one batch would be taken for the other.
+    """
+    raw = [prefix, db, table, topic]
+    head = [_UNSAFE.sub("_", p) for p in raw]
+    tail = f"{partition}:{first_offset}:{last_offset}"
+    label = ":".join([*head, tail])
+    if head == raw and len(label) <= LABEL_MAX:
+        return label
+    digest = hashlib.sha256("\x00".join([*raw, tail]).encode("utf-8")).hexdigest()[:16]
+    room = LABEL_MAX - len(tail) - len(digest) - 2
+    if room < 1:
+        # Offsets alone cannot overflow 128 chars in practice; keep the label valid anyway.
+        return f"{prefix[:16]}:{hashlib.sha256(label.encode('utf-8')).hexdigest()[:32]}"
+    return f"{':'.join(head)[:room]}:{digest}:{tail}"
+
+
+class StreamLoadClient:
+    """Stream Load over aiohttp, redirects followed by hand so Basic auth reaches the BE.
+
+    aiohttp drops ``Authorization`` when a redirect changes the port (FE 8030 -> BE 8040)
+    and refuses credentials in a URL combined with an explicit ``auth``. So each hop is a
+    fresh request: the ``user:password@`` of ``Location`` is stripped (it must not be
+    logged either) and the configured credentials are sent again.
+    """
+
+    def __init__(
+        self,
+        fe_url: str,
+        user: str,
+        password: Secret | str,
+        *,
+        load_timeout_s: int = 600,
+        client_timeout_s: float | None = None,
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        self.fe_url = fe_url.rstrip("/")
+        self.user = user
+        self._password = password if isinstance(password, Secret) else Secret(password)
+        self.load_timeout_s = load_timeout_s
+        # Above the load's own timeout: a client giving up first would retry while the
+        # first attempt still runs (Label Already Exists/RUNNING loops, reference §3).
+        self.client_timeout_s = client_timeout_s if client_timeout_s is not None else load_timeout_s + 30.0
+        if self.client_timeout_s <= load_timeout_s:
+            log.warning("doris client_timeout_s=%s is not above load_timeout_s=%s: retries may race "
+                        "running loads", self.client_timeout_s, load_timeout_s)
+        self.connect_timeout_s = connect_timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StreamLoadClient:
+        if settings.doris_fe_url is None:
+            raise ValueError("Doris is disabled (DICOMFLOW_DORIS_FE_URL is unset)")
+        return cls(settings.doris_fe_url, settings.doris_user, settings.doris_password)
+
+    def __repr__(self) -> str:
+        return f"StreamLoadClient(fe_url={self.fe_url!r}, user={self.user!r})"
+
+    async def start(self) -> None:
+        """Open the HTTP session (idempotent)."""
+        if self._session is None or self._session.closed:
+            timeout = aiohttp.ClientTimeout(total=self.client_timeout_s, sock_connect=self.connect_timeout_s)
+            self._session = aiohttp.ClientSession(timeout=timeout)
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def load(self, db: str, table: str, rows: Sequence[dict[str, Any]], label: str,
+                   columns: Sequence[str]) -> LoadResult:
+        """Load ``rows`` (JSON-ready dicts) under ``label``.
+
+        Returns when the rows are in Doris. Raises :class:`SinkDataError` when Doris
+        refuses the data itself, :class:`SinkRetryableError` for everything a retry with
+        the same label may fix (including bad credentials and unknown tables, which need
+        an operator but must not lose data).
+        """
+        if not LABEL_RE.match(label):
+            raise ValueError(f"invalid Stream Load label {label!r}")
+        await self.start()
+        session = self._session
+        assert session is not None
+        body = orjson.dumps(list(rows))
+        headers = {
+            "label": label,
+            "format": "json",
+            "strip_outer_array": "true",
+            "columns": ", ".join(_quote_column(c) for c in columns),
+            "max_filter_ratio": "0",
+            # Without strict mode a value Doris cannot cast loads as NULL, silently.
+            "strict_mode": "true",
+            "timeout": str(self.load_timeout_s),
+            "Content-Type": "application/json",
+            "Authorization": self._authorization(),
+        }
+        url = URL(f"{self.fe_url}/api/{db}/{table}/_stream_load")
+        started = time.monotonic()
+        where = f"db={db} table={table} label={label} rows={len(rows)} bytes={len(body)}"
+        try:
+            for _ in range(_MAX_HOPS):
+                async with session.put(url, data=body, headers=headers, expect100=True,
+                                       allow_redirects=False) as resp:
+                    if resp.status in _REDIRECTS:
+                        location = resp.headers.get("Location")
+                        if not location:
+                            raise SinkRetryableError(f"doris redirect without Location: {where}")
+                        # The BE URL carries user:password@; never keep or log it.
+                        url = url.join(URL(location)).with_user(None)
+                        continue
+                    status, raw = resp.status, await resp.read()
+                break
+            else:
+                raise SinkRetryableError(f"doris: too many redirects: {where}")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.warning("doris load failed in transport %s error=%r", where, exc)
+            raise SinkRetryableError(f"doris transport error: {type(exc).__name__}: {exc}") from exc
+        elapsed = time.monotonic() - started
+        return self._judge(status, raw, where, label, elapsed)
+
+    def _authorization(self) -> str:
+        # Built by hand: aiohttp's BasicAuth/auth= is deprecated in 3.14 and pyproject allows 3.10.
+        creds = f"{self.user}:{self._password.get()}".encode()
+        return "Basic " + base64.b64encode(creds).decode("ascii")
+
+    def _judge(self, http_status: int, raw: bytes, where: str, label: str, elapsed: float) -> LoadResult:
+        if http_status in (401, 403):
+            self._auth_failed(where, f"HTTP {http_status}")
+        if http_status != 200:
+            log.warning("doris load got http_status=%s %s", http_status, where)
+            raise SinkRetryableError(f"doris HTTP {http_status}: {raw[:200]!r}")
+        try:
+            reply = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            log.warning("doris load got a non-JSON answer %s body=%r", where, raw[:200])
+            raise SinkRetryableError(f"doris answered non-JSON: {raw[:200]!r}") from None
+        if not isinstance(reply, dict):
+            raise SinkRetryableError(f"doris answered unexpected JSON: {raw[:200]!r}")
+        if "Status" not in reply:
+            return self._judge_fe(reply, where)
+        status = str(reply["Status"])
+        message = str(reply.get("Message", ""))
+        result = LoadResult(
+            label=label,
+            status=status,
+            message=message,
+            txn_id=reply.get("TxnId"),
+            total_rows=int(reply.get("NumberTotalRows") or 0),
+            loaded_rows=int(reply.get("NumberLoadedRows") or 0),
+            filtered_rows=int(reply.get("NumberFilteredRows") or 0),
+            elapsed_s=elapsed,
+            body=reply,
+        )
+        if status in SUCCESS_STATUSES:
+            log.info("doris load done status=%r %s txn_id=%s loaded=%s elapsed_s=%.3f", status, where,
+                     result.txn_id, result.loaded_rows, elapsed)
+            return result
+        if status == "Label Already Exists":
+            job = reply.get("ExistingJobStatus")
+            if job == "FINISHED":
+                log.info("doris label already finished %s: batch was loaded before", where)
+                return LoadResult(label=label, status=status, message=message, already_loaded=True,
+                                  elapsed_s=elapsed, body=reply)
+            if job == "PRECOMMITTED":
+                # We never use 2PC: someone else precommitted under our label.
+                log.error("doris label is PRECOMMITTED by another writer %s message=%r", where, message)
+            else:
+                log.info("doris label still running %s job=%s: will retry the same label", where, job)
+            raise SinkRetryableError(f"doris label {label} is {job}: an earlier attempt is still loading",
+                                     retry_after=1.0)
+        # Status Fail (or anything unknown): the txn was rolled back, the label is free.
+        first = reply.get("FirstErrorMsg") or ""
+        url = reply.get("ErrorURL") or ""
+        if any(s in message for s in _DATA_QUALITY):
+            detail = message + (f"; first error: {first}" if first else "") + (f"; {url}" if url else "")
+            log.info("doris refused data %s filtered=%s message=%r", where, result.filtered_rows, detail)
+            raise SinkDataError(detail, code=Code.SINK_REJECTED, field=_column_in(first))
+        if any(s in message for s in _AUTH):
+            self._auth_failed(where, message)
+        if any(s in message.lower() for s in _UNKNOWN_TARGET):
+            log.error("doris target missing %s message=%r: apply schemas/sql/doris.sql", where, message)
+            raise SinkRetryableError(f"doris target missing: {message}", retry_after=10.0)
+        log.warning("doris load failed %s status=%r message=%r", where, status, message)
+        raise SinkRetryableError(f"doris load failed: {status}: {message}")
+
+    def _judge_fe(self, reply: dict[str, Any], where: str) -> LoadResult:
+        """An FE answer (it never redirected): RestBaseResult or the exception handler's body."""
+        msg = str(reply.get("msg", ""))
+        if reply.get("code") in (401, 403) or any(s in msg for s in _AUTH):
+            self._auth_failed(where, f"{msg}: {reply.get('data', '')}")
+        log.error("doris FE refused the load %s reply=%r", where, reply)
+        raise SinkRetryableError(f"doris FE refused the load: {msg or reply!r}", retry_after=10.0)
+
+    def _auth_failed(self, where: str, detail: str) -> None:
+        # Loud but retried: bad credentials are an operator's fix, never a reason to drop data.
+        log.error("doris authentication failed user=%s %s detail=%r: check DICOMFLOW_DORIS_USER and "
+                  "DICOMFLOW_DORIS_PASSWORD", self.user, where, detail)
+        raise SinkRetryableError(f"doris authentication failed for user {self.user!r}: {detail}",
+                                 retry_after=10.0)
+
+
+def _column_in(message: str) -> str | None:
+    m = _COLUMN_IN_MESSAGE.search(message)
+    if m is None:
+        return None
+    return next(g for g in m.groups() if g)
+
+
+class DorisTableSink(BatchingSink[dict[str, Any]]):
+    """Stream Load sink for one Doris table; items are JSON-ready row dicts.
+
+    ``counters`` adds ``loads`` (Stream Loads that succeeded), ``loaded_rows``,
+    ``filtered`` (rows rejected here or by Doris), ``label_already_finished``,
+    ``bisections``, ``load_errors`` and ``load_latency_s_total`` to the base counters
+    (``rows``/``rejected``/``retries``/``latency_s_total`` are kept by
+    :func:`sinks.base.flush_with_retry`).
+    """
+
+    def __init__(self, client: StreamLoadClient, *, db: str, table: str, spec: TableSpec | None = None,
+                 label_prefix: str = "dicomflow", name: str | None = None) -> None:
+        super().__init__()
+        self.client = client
+        self.db = db
+        self.table = table
+        # The table name may be configured; the shape always comes from the repository's DDL.
+        self.spec = spec if spec is not None else table_spec(table)
+        self.columns = self.spec.column_names
+        self.label_prefix = label_prefix
+        self.name = name or f"doris:{table}"
+        self.counters.update({"loads": 0, "loaded_rows": 0, "filtered": 0, "label_already_finished": 0,
+                              "bisections": 0, "load_errors": 0, "load_latency_s_total": 0.0})
+
+    @classmethod
+    def from_settings(cls, settings: Settings, kind: str, client: StreamLoadClient) -> DorisTableSink:
+        """The sink for ``kind`` (``state``/``image``/``object``) under its configured table name."""
+        table = settings.doris_tables[kind]
+        return cls(client, db=settings.doris_database, table=table, spec=table_spec(CANONICAL_TABLES[kind]))
+
+    async def start(self) -> None:
+        await self.client.start()
+
+    async def stop(self) -> None:
+        await self.client.stop()
+
+    def label_for(self, topic: str, partition: int, first_offset: int, last_offset: int) -> str:
+        return make_label(self.db, self.table, topic, partition, first_offset, last_offset,
+                          prefix=self.label_prefix)
+
+    async def write(self, batch: SinkBatch[dict[str, Any]]) -> Sequence[Rejected[dict[str, Any]]]:
+        rejected: list[Rejected[dict[str, Any]]] = []
+        valid: list[SinkItem[dict[str, Any]]] = []
+        for item in batch.items:
+            problem = check_row(self.spec, item.value)
+            if problem is None:
+                valid.append(item)
+            else:
+                rejected.append(Rejected(item, SinkDataError(f"{self.table}.{problem}", code=problem.code,
+                                                             field=problem.column)))
+        if rejected:
+            log.info("sink=%s topic=%s partition=%s offsets=%s..%s rejected_before_load=%s first=%r",
+                     self.name, batch.topic, batch.partition, batch.first_offset, batch.last_offset,
+                     len(rejected), rejected[0].error.message)
+        if valid:
+            # The label covers the batch's offsets, so a replay of the batch finds it.
+            label = self.label_for(batch.topic, batch.partition, batch.first_offset, batch.last_offset)
+            rejected.extend(await self._load(batch.topic, batch.partition, valid, label))
+        self.counters["filtered"] += len(rejected)
+        rejected.sort(key=lambda r: r.item.offset)
+        return rejected
+
+    async def _load(self, topic: str, partition: int, items: list[SinkItem[dict[str, Any]]],
+                    label: str) -> list[Rejected[dict[str, Any]]]:
+        rows = [{c: item.value.get(c) for c in self.columns} for item in items]
+        try:
+            result = await self.client.load(self.db, self.table, rows, label, self.columns)
+        except SinkDataError as exc:
+            self.counters["load_errors"] += 1
+            if len(items) == 1:
+                return [Rejected(items[0], exc)]
+            # Halve by offset; each half gets the label of its own offset range, so a
+            # replay bisects to the same labels and finds the halves already loaded.
+            self.counters["bisections"] += 1
+            mid = len(items) // 2
+            out: list[Rejected[dict[str, Any]]] = []
+            for half in (items[:mid], items[mid:]):
+                half_label = self.label_for(topic, partition, half[0].offset, half[-1].offset)
+                out.extend(await self._load(topic, partition, half, half_label))
+            return out
+        except SinkRetryableError:
+            self.counters["load_errors"] += 1
+            raise
+        self.counters["loads"] += 1
+        self.counters["loaded_rows"] += len(items)
+        self.counters["load_latency_s_total"] += result.elapsed_s
+        if result.already_loaded:
+            self.counters["label_already_finished"] += 1
+        return []
