@@ -14,6 +14,7 @@ from typing import Any
 
 from faust.types import EventT, StreamT
 
+from agents.sink_support import batches
 from dicomflow.errors import DicomflowError
 from schemas.fanout import Outcome, Output, dead_letter, process
 from streams.app import app, settings
@@ -46,7 +47,7 @@ def _outcome(event: EventT) -> Outcome:
 
 @app.agent(storage)
 async def ingest(stream: StreamT[Any]) -> None:
-    async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+    async for events in batches(stream, BATCH, BATCH_WITHIN_S):
         for event in events:
             outcome = _outcome(event)
             for out in outcome.outputs:

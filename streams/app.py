@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -29,7 +30,12 @@ class DicomflowApp(faust.App):
 
     dicomflow: Settings
     profile: BrokerProfile
+    closers: list[Callable[[], Awaitable[None]]]
     _embedded_broker: EmbeddedBroker | None = None
+
+    def close_on_shutdown(self, stop: Callable[[], Awaitable[None]]) -> None:
+        """Register a sink's ``stop`` to run when the worker shuts down."""
+        self.closers.append(stop)
 
     async def on_first_start(self) -> None:
         await super().on_first_start()
@@ -44,6 +50,11 @@ class DicomflowApp(faust.App):
 
     async def on_shutdown(self) -> None:
         await super().on_shutdown()
+        for stop in reversed(self.closers):
+            try:
+                await stop()
+            except Exception:
+                log.exception("error while closing a sink")
         if self._embedded_broker is not None:
             self._embedded_broker.stop()
             self._embedded_broker = None
@@ -72,6 +83,7 @@ def create_app(settings: Settings) -> DicomflowApp:
     }
     app = DicomflowApp(settings.app_id, **conf)
     app.dicomflow = settings
+    app.closers = []
     app.profile = profile
     return app
 

@@ -32,6 +32,7 @@ class Msg:
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp_ms: int = 0
 
     def json(self) -> Any:
         return orjson.loads(self.value or b"null")
@@ -116,7 +117,7 @@ async def read_topic(broker_url: str, topic: str, *, until: Callable[[list[Msg]]
                 raise AssertionError(f"deadline: {topic} has {len(messages)} messages, condition not met")
             batch = await consumer.getmany(timeout_ms=300)
             for tp, recs in batch.items():
-                messages.extend(Msg(tp.topic, tp.partition, r.offset, r.key, r.value) for r in recs)
+                messages.extend(Msg(tp.topic, tp.partition, r.offset, r.key, r.value, r.timestamp) for r in recs)
     finally:
         await consumer.stop()
 
@@ -176,7 +177,8 @@ async def read_all(broker_url: str, topic: str) -> list[Msg]:
             assert time.monotonic() < deadline, f"could not read {topic} to its end"
             batch = await consumer.getmany(timeout_ms=300)
             for tp, recs in batch.items():
-                out.extend(Msg(tp.topic, tp.partition, r.offset, r.key, r.value) for r in recs if r.offset < ends[tp])
+                out.extend(Msg(tp.topic, tp.partition, r.offset, r.key, r.value, r.timestamp)
+                       for r in recs if r.offset < ends[tp])
         return out
     finally:
         await consumer.stop()

@@ -1,0 +1,76 @@
+"""Shared plumbing of the sink agents: consume a batch, flush it, dead-letter refusals.
+
+The body of a sink agent returns only when every event of the batch is written or
+dead-lettered, so Faust's ack (and with it the offset commit) never passes unwritten
+data; while the destination is down the flush keeps retrying and the partition stalls,
+which is the backpressure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar, cast
+
+from faust import Stream
+from faust.types import EventT, StreamT
+
+from schemas.fanout import dead_letter
+from sinks.base import BatchingSink, Rejected, SinkItem, flush_with_retry
+from streams.app import app, settings
+from streams.topics import sink_dlq
+
+__all__ = ["sink_batch", "batches"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def batches(stream: StreamT[Any], size: int, within: float) -> AsyncIterator[Sequence[EventT]]:
+    """``Stream.take_events``, which the StreamT protocol does not declare."""
+    return cast(AsyncIterator[Sequence[EventT]], cast(Stream[Any], stream).take_events(size, within=within))
+
+
+async def sink_batch(sink: BatchingSink[T], events: Sequence[EventT], decode: Callable[[bytes], T],
+                     stage: str) -> int:
+    """Add the events to ``sink``, flush with retry, dead-letter what the sink refused."""
+    undecodable: list[Rejected[Any]] = []
+    for event in events:
+        msg = event.message
+        raw = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
+        key = event.key.decode() if isinstance(event.key, bytes) else event.key
+        item: SinkItem[Any] = SinkItem(value=None, key=key, topic=msg.topic, partition=msg.partition,
+                                       offset=msg.offset, timestamp=msg.timestamp or 0.0, raw=raw)
+        try:
+            value = decode(raw)
+        except Exception as exc:
+            from dicomflow.errors import SinkDataError
+
+            undecodable.append(Rejected(item, SinkDataError(f"undecodable message: {exc}")))
+            continue
+        sink.add(SinkItem(value=value, key=key, topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                          timestamp=msg.timestamp or 0.0, raw=raw))
+
+    async def on_rejected(rejected: Sequence[Rejected[Any]]) -> None:
+        for r in rejected:
+            letter = dead_letter(error=r.error, stage=stage, worker=settings.worker_id, raw=r.item.raw,
+                                 original=_json(r.item.raw),
+                                 source={"topic": r.item.topic, "partition": r.item.partition,
+                                         "offset": r.item.offset})
+            await sink_dlq.send(key=(r.item.key or "").encode() or None, value=letter)
+            log.warning("sink refused row stage=%s code=%s field=%s offset=%s message=%s", stage, r.error.code,
+                        r.error.field, r.item.offset, r.error.message)
+
+    if undecodable:
+        await on_rejected(undecodable)
+    return await flush_with_retry(sink, on_rejected=on_rejected, should_stop=lambda: bool(app.should_stop))
+
+
+def _json(raw: bytes) -> Any:
+    import orjson
+
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None

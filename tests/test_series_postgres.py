@@ -1,0 +1,192 @@
+"""Series window + PostgreSQL sink on real Tansu and real PostgreSQL, with real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from dicomflow.embedded.broker import EmbeddedBroker
+from dicomflow.embedded.postgres import EmbeddedPostgres
+from sinks.postgres import get_json_metaes, row_writes
+from streams.topology import SERIES_INSTANCES
+from tests.harness import REPO, WorkerProcess, clone_series, read_all, worker_env
+
+pytestmark = pytest.mark.integration
+
+WINDOW_S = 1.0
+
+
+@pytest.fixture
+def fresh_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as b:
+        yield b
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    (tmp_path / "home" / "storage").mkdir(parents=True)
+    return tmp_path / "home"
+
+
+def _env(broker: EmbeddedBroker, home: Path, dsn: str) -> dict[str, str]:
+    return worker_env(broker.url, home, DICOMFLOW_POSTGRES_DSN=dsn,
+                      DICOMFLOW_SERIES_WINDOW_SECONDS=str(WINDOW_S))
+
+
+def _backfill(env: dict[str, str], directory: Path, tenant: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "dicomflow.cli", "backfill", str(directory), "--tenant", tenant,
+                           "--no-progress"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+async def _rows(dsn: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch("SELECT * FROM dicom_state_meta ORDER BY series_uid")
+    except asyncpg.UndefinedTableError:
+        return []
+    finally:
+        await conn.close()
+
+
+async def _wait_rows(dsn: str, want: dict[str, int], timeout: float = 120.0) -> list[asyncpg.Record]:
+    """Poll until every series has exactly its wanted instance count (and no other rows exist)."""
+    deadline = time.monotonic() + timeout
+    rows: list[asyncpg.Record] = []
+    while time.monotonic() < deadline:
+        try:
+            rows = await _rows(dsn)
+        except (OSError, asyncpg.PostgresError):
+            rows = []
+        if {r["series_uid"]: r["series_related_instances"] for r in rows} == want:
+            return rows
+        await asyncio.sleep(0.3)
+    got = {r["series_uid"]: r["series_related_instances"] for r in rows}
+    raise AssertionError(f"rows never matched: want {want}, got {got}")
+
+
+def _expected(files: list[Path]) -> dict[str, int]:
+    import pydicom
+
+    counts: dict[str, set[str]] = defaultdict(set)
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        counts[str(ds.SeriesInstanceUID)].add(str(ds.SOPInstanceUID))
+    return {k: len(v) for k, v in counts.items()}
+
+
+async def _windows_spanned(broker: EmbeddedBroker) -> int:
+    """Distinct (series, window) pairs among the instances, from their broker timestamps."""
+    spans: set[tuple[bytes | None, float]] = set()
+    for m in await read_all(broker.url, SERIES_INSTANCES):
+        if "flush" not in m.json():
+            spans.add((m.key, (m.timestamp_ms / 1000.0) // WINDOW_S))
+    return len(spans)
+
+
+async def _stable(dsn: str, want: dict[str, int], quiet: float) -> list[asyncpg.Record]:
+    """Rows match now and still match after `quiet` seconds (no late double count)."""
+    await _wait_rows(dsn, want)
+    await asyncio.sleep(quiet)
+    return await _wait_rows(dsn, want, timeout=5)
+
+
+async def test_burst_one_row_per_series_and_bounded_writes(fresh_broker: EmbeddedBroker, home: Path, pg_dsn: str,
+                                                          ct_small: Path) -> None:
+    files = clone_series(ct_small, home / "storage" / "burst", series=4, instances=25)
+    env = _env(fresh_broker, home, pg_dsn)
+    worker = WorkerProcess(env, home / "worker.log").start()
+    try:
+        _backfill(env, home / "storage" / "burst", "t-burst")
+        want = _expected(files)
+        rows = await _stable(pg_dsn, want, quiet=3 * WINDOW_S)
+        for r in rows:
+            assert r["tenant_id"] == "t-burst" and r["patient_id"] == "1CT1" and r["modality"] == "CT"
+            assert r["study_date"].isoformat() == "2004-01-19" and r["accession_number"].startswith("X32CRC")
+            assert r["created_time"] <= r["updated_time"]
+        # One write per series per window: PostgreSQL's own counters against the windows
+        # the instances actually spanned (from their broker timestamps).
+        async with _connect(pg_dsn) as conn:
+            writes = await row_writes(conn)
+        windows = await _windows_spanned(fresh_broker)
+        assert writes <= windows, f"{writes} row writes for {windows} series-windows"
+        assert writes < len(files), "debounce did not debounce"
+
+        # A redelivered instance is not counted twice: backfill the same files again.
+        _backfill(env, home / "storage" / "burst", "t-burst")
+        await _stable(pg_dsn, want, quiet=3 * WINDOW_S)
+        async with _connect(pg_dsn) as conn:
+            metaes = await get_json_metaes(conn, _far_future())
+        assert {m.series_uid for m in metaes} <= set(want) and len(metaes) == min(10, len(want))
+    finally:
+        worker.stop()
+
+
+class _connect:
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        self.conn = await asyncpg.connect(self.dsn)
+        return self.conn
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.conn.close()
+
+
+def _far_future() -> Any:
+    from datetime import datetime
+
+    return datetime(2999, 1, 1)
+
+
+async def test_sigkill_mid_burst_same_rows(fresh_broker: EmbeddedBroker, home: Path, pg_dsn: str,
+                                           ct_small: Path) -> None:
+    files = clone_series(ct_small, home / "storage" / "kill", series=5, instances=60)
+    env = _env(fresh_broker, home, pg_dsn)
+    _backfill(env, home / "storage" / "kill", "t-kill")
+    w1 = WorkerProcess(env, home / "w1.log").start()
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not await _rows(pg_dsn):
+            await asyncio.sleep(0.2)
+    finally:
+        w1.kill()
+    env2 = dict(env, DICOMFLOW_WEB_PORT=str(int(env["DICOMFLOW_WEB_PORT"]) + 1))
+    w2 = WorkerProcess(env2, home / "w2.log").start()
+    try:
+        await _stable(pg_dsn, _expected(files), quiet=3 * WINDOW_S)
+    finally:
+        w2.stop()
+
+
+async def test_postgres_down_mid_stream_same_rows(fresh_broker: EmbeddedBroker, home: Path, pg_dsn: str,
+                                                  pg_server: EmbeddedPostgres, ct_small: Path) -> None:
+    files = clone_series(ct_small, home / "storage" / "down", series=3, instances=40)
+    env = _env(fresh_broker, home, pg_dsn)
+    worker = WorkerProcess(env, home / "worker.log").start()
+    try:
+        _backfill(env, home / "storage" / "down", "t-down")
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not await _rows(pg_dsn):
+            await asyncio.sleep(0.1)
+        pg_server.stop()
+        down_until = time.monotonic() + 20
+        # more work arrives while PostgreSQL is down
+        more = clone_series(ct_small, home / "storage" / "down2", series=2, instances=10)
+        _backfill(env, home / "storage" / "down2", "t-down")
+        await asyncio.sleep(max(0.0, down_until - time.monotonic()))
+        assert worker.proc is not None and worker.proc.poll() is None, "worker died while PostgreSQL was down"
+        pg_server.start()
+        await _stable(pg_dsn, _expected(files + more), quiet=3 * WINDOW_S)
+    finally:
+        worker.stop()
