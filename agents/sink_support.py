@@ -20,7 +20,7 @@ from sinks.base import BatchingSink, Rejected, SinkItem, flush_with_retry
 from streams.app import app, settings
 from streams.topics import sink_dlq
 
-__all__ = ["sink_batch", "batches"]
+__all__ = ["sink_batch", "batches", "dead_letter_rejected"]
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +53,22 @@ async def sink_batch(sink: BatchingSink[T], events: Sequence[EventT], decode: Ca
                           timestamp=msg.timestamp or 0.0, raw=raw))
 
     async def on_rejected(rejected: Sequence[Rejected[Any]]) -> None:
-        for r in rejected:
-            letter = dead_letter(error=r.error, stage=stage, worker=settings.worker_id, raw=r.item.raw,
-                                 original=_json(r.item.raw),
-                                 source={"topic": r.item.topic, "partition": r.item.partition,
-                                         "offset": r.item.offset})
-            await sink_dlq.send(key=(r.item.key or "").encode() or None, value=letter)
-            log.warning("sink refused row stage=%s code=%s field=%s offset=%s message=%s", stage, r.error.code,
-                        r.error.field, r.item.offset, r.error.message)
+        await dead_letter_rejected(rejected, stage)
 
     if undecodable:
         await on_rejected(undecodable)
     return await flush_with_retry(sink, on_rejected=on_rejected, should_stop=lambda: bool(app.should_stop))
+
+
+async def dead_letter_rejected(rejected: Sequence[Rejected[Any]], stage: str) -> None:
+    """Put rows a destination refused as data on the sink dead-letter topic, with the reason."""
+    for r in rejected:
+        letter = dead_letter(error=r.error, stage=stage, worker=settings.worker_id, raw=r.item.raw,
+                             original=_json(r.item.raw),
+                             source={"topic": r.item.topic, "partition": r.item.partition, "offset": r.item.offset})
+        await sink_dlq.send(key=(r.item.key or "").encode() or None, value=letter)
+        log.warning("sink refused row stage=%s code=%s field=%s offset=%s message=%s", stage, r.error.code,
+                    r.error.field, r.item.offset, r.error.message)
 
 
 def _json(raw: bytes) -> Any:

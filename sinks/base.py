@@ -55,14 +55,17 @@ class SinkBatch(Generic[T]):
     topic: str
     partition: int
     items: list[SinkItem[T]] = field(default_factory=list)
+    #: The source offsets this batch stands for, when the caller fixed them (records
+    #: inside the range may have been skipped, e.g. as duplicates).
+    source_range: tuple[int, int] | None = None
 
     @property
     def first_offset(self) -> int:
-        return self.items[0].offset
+        return self.source_range[0] if self.source_range else self.items[0].offset
 
     @property
     def last_offset(self) -> int:
-        return self.items[-1].offset
+        return self.source_range[1] if self.source_range else self.items[-1].offset
 
     def __len__(self) -> int:
         return len(self.items)
@@ -119,6 +122,13 @@ class BatchingSink(abc.ABC, Generic[T]):
         if batch is None:
             batch = self._batches[key] = SinkBatch(item.topic, item.partition)
         batch.items.append(item)
+
+    def add_batch(self, batch: SinkBatch[T]) -> None:
+        """Queue a whole batch whose boundaries the caller decided (see SinkBatch.source_range)."""
+        key = (batch.topic, batch.partition)
+        if key in self._batches:
+            raise ValueError(f"a batch for {key} is already pending")
+        self._batches[key] = batch
 
     def take_batches(self) -> list[SinkBatch[T]]:
         batches, self._batches = list(self._batches.values()), {}
@@ -177,6 +187,8 @@ async def flush_with_retry(
             written += len(batch) - len(rejected)
             if rejected:
                 await on_rejected(rejected)
+            if not batch.items:
+                break
             log.info("sink=%s topic=%s partition=%s offsets=%s..%s rows=%s rejected=%s elapsed_s=%.3f",
                      sink.name, batch.topic, batch.partition, batch.first_offset, batch.last_offset,
                      len(batch) - len(rejected), len(rejected), loop.time() - started)

@@ -9,7 +9,7 @@ from faust.types import TopicT
 from streams import topology
 from streams.app import app, settings
 
-__all__ = ["storage", "state", "image", "log", "dlq", "series_instances", "sink_dlq", "BY_NAME"]
+__all__ = ["storage", "state", "image", "log", "dlq", "series_instances", "sink_dlq", "doris_intents", "BY_NAME"]
 
 
 def _topic(name: str) -> TopicT:
@@ -24,7 +24,9 @@ log = _topic(topology.LOG)
 dlq = _topic(topology.DLQ)
 series_instances = _topic(topology.SERIES_INSTANCES)
 sink_dlq = _topic(topology.SINK_DLQ)
+doris_intents = _topic(topology.DORIS_INTENTS)
 
 #: Topic objects by name, for stages whose outputs are computed as (topic name, key, value).
 BY_NAME: dict[str, TopicT] = {t.get_topic_name(): t for t in
-                              (storage, state, image, log, dlq, series_instances, sink_dlq)}
+                              (storage, state, image, log, dlq, series_instances, sink_dlq,
+                               doris_intents)}

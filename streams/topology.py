@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["STORAGE", "STATE", "IMAGE", "LOG", "DLQ", "SERIES_INSTANCES", "SINK_DLQ", "ALL_TOPICS",
+__all__ = ["STORAGE", "STATE", "IMAGE", "LOG", "DLQ", "SERIES_INSTANCES", "SINK_DLQ", "DORIS_INTENTS", "ALL_TOPICS",
            "BrokerProfile", "EMBEDDED_PROFILE", "PRODUCTION_PROFILE"]
 
 STORAGE = "storage_queue"
@@ -20,7 +20,12 @@ SERIES_INSTANCES = "dicomflow_series_instances"
 #: Dead letters of the sinks: rows PostgreSQL or Doris refused as data.
 SINK_DLQ = "dicomflow_sink_dlq"
 
-ALL_TOPICS = (STORAGE, STATE, IMAGE, LOG, DLQ, SERIES_INSTANCES, SINK_DLQ)
+#: Durable record of each Doris batch's offset range, written before the load, so that a
+#: restarted sink rebuilds exactly the same batches (and labels). Keyed ``table:partition``
+#: and written to the partition of the source it describes.
+DORIS_INTENTS = "dicomflow_doris_intents"
+
+ALL_TOPICS = (STORAGE, STATE, IMAGE, LOG, DLQ, SERIES_INSTANCES, SINK_DLQ, DORIS_INTENTS)
 
 
 @dataclass(frozen=True)

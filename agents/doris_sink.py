@@ -1,0 +1,280 @@
+"""Doris sink stage: dicom_state_queue, dicom_image_queue, log_queue -> Doris via Stream Load, exactly once.
+
+Exactly once rests on three rules, one per way a row could be loaded twice:
+
+1. **Same batch, same label.** A batch is a contiguous offset range of one source
+   partition; its label is derived from (table, topic, partition, first, last). Before
+   a load, the range is written to ``dicomflow_doris_intents`` (same partition) and
+   acknowledged by the broker. A restarted worker reads those intents and rebuilds
+   exactly the same ranges, so a replayed batch meets ``Label Already Exists``/
+   ``FINISHED`` instead of loading again.
+2. **Commit after load.** Events are acked by hand only after their batch is in Doris
+   (``Success``, ``Publish Timeout``, or ``FINISHED``), so the committed offset never
+   passes unloaded rows; a crash replays them under rule 1.
+3. **One row per trace id.** The ingest stage is at-least-once: after a crash it may put
+   a second copy of a transfer-log row on ``log_queue`` (same key, so same partition,
+   later offset). The ``dicom_object_meta`` sink skips a row whose trace id it has seen
+   within the last DICOMFLOW_DORIS_DEDUP_WINDOW records of the partition; after a
+   restart that window is re-read from the topic. The UNIQUE KEY tables need no such
+   rule: a repeated row replaces itself.
+
+The seeds' consumer committed offsets before writing; this is the fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust import Stream
+from faust.types import TP, EventT, StreamT
+
+from agents.sink_support import dead_letter_rejected
+from dicomflow.errors import SinkDataError
+from sinks.base import Rejected, SinkBatch, SinkItem, flush_with_retry
+from sinks.doris import DorisTableSink, StreamLoadClient
+from streams.admin import bootstrap_of
+from streams.app import app, settings
+from streams.topics import doris_intents, image, log, state
+from streams.topology import DORIS_INTENTS
+
+logger = logging.getLogger(__name__)
+
+#: How many recent batch ranges each partition remembers in the intents topic; only
+#: ranges at or above the committed offset matter, and commits lag by seconds.
+INTENTS_KEPT = 64
+
+
+@dataclass
+class _Partition:
+    intents: list[tuple[int, int]] = field(default_factory=list)
+    events: list[EventT] = field(default_factory=list)
+    items: list[SinkItem[dict[str, Any]]] = field(default_factory=list)
+    first: int | None = None
+    last: int | None = None
+    nbytes: int = 0
+    started: float = 0.0
+    forced_end: int | None = None
+    seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
+
+class DorisStage:
+    """Batches one source topic into one Doris table with reproducible boundaries."""
+
+    def __init__(self, kind: str, topic_name: str, client: StreamLoadClient, *, dedup_trace: bool) -> None:
+        self.kind = kind
+        self.topic_name = topic_name
+        self.client = client
+        self.sink = DorisTableSink.from_settings(settings, kind, client)
+        self.dedup_trace = dedup_trace
+        self.parts: dict[int, _Partition] = {}
+        self.lock = asyncio.Lock()
+        self.stream: StreamT[Any] | None = None
+        self.counters = {"duplicates_skipped": 0, "replayed_batches": 0}
+
+    # -- partition lifecycle ---------------------------------------------------------
+
+    def revoke(self, tps: Iterable[TP]) -> None:
+        for tp in tps:
+            if tp.topic == self.topic_name and tp.partition in self.parts:
+                # Unacked events stay uncommitted; the new owner replays them.
+                del self.parts[tp.partition]
+
+    async def _open(self, partition: int, first_offset: int) -> _Partition:
+        part = _Partition()
+        part.intents = await _read_intents(self._intent_key(partition), partition)
+        if self.dedup_trace and settings.doris_dedup_window and first_offset > 0:
+            start = max(0, first_offset - settings.doris_dedup_window)
+            for trace in await _read_trace_ids(self.topic_name, partition, start, first_offset):
+                part.seen[trace] = None
+        self.parts[partition] = part
+        logger.info("doris sink open table=%s partition=%s from_offset=%s intents=%s dedup_window=%s",
+                    self.sink.table, partition, first_offset, len(part.intents), len(part.seen))
+        return part
+
+    def _intent_key(self, partition: int) -> bytes:
+        return f"{self.sink.table}:{partition}".encode()
+
+    # -- per event -------------------------------------------------------------------
+
+    async def on_event(self, event: EventT) -> None:
+        msg = event.message
+        part = self.parts.get(msg.partition) or await self._open(msg.partition, msg.offset)
+        if part.first is None:
+            self._start_batch(part, msg.offset)
+        part.events.append(event)
+        part.last = msg.offset
+        raw = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
+        key = event.key.decode() if isinstance(event.key, bytes) else event.key
+        try:
+            row = orjson.loads(raw)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            bad: SinkItem[dict[str, Any]] = SinkItem({}, key, msg.topic, msg.partition, msg.offset, raw=raw)
+            await dead_letter_rejected([Rejected(bad, SinkDataError(f"undecodable row: {exc}"))], f"doris:{self.kind}")
+            row = None
+        if row is not None and self.dedup_trace:
+            trace = row.get("trace_id")
+            if isinstance(trace, str):
+                if trace in part.seen:
+                    self.counters["duplicates_skipped"] += 1
+                    row = None
+                else:
+                    part.seen[trace] = None
+                    while len(part.seen) > settings.doris_dedup_window:
+                        part.seen.popitem(last=False)
+        if row is not None:
+            part.items.append(SinkItem(row, key, msg.topic, msg.partition, msg.offset,
+                                       timestamp=msg.timestamp or 0.0, raw=raw))
+            part.nbytes += len(raw)
+        if self._due(part, now=None):
+            await self.flush(msg.partition)
+
+    def _start_batch(self, part: _Partition, offset: int) -> None:
+        part.first = offset
+        part.started = time.monotonic()
+        part.forced_end = None
+        for a, b in part.intents:
+            if a <= offset <= b:
+                # Replaying a range that was (maybe) loaded before a crash: rebuild it exactly.
+                part.first, part.forced_end = a, b
+                self.counters["replayed_batches"] += 1
+                break
+
+    def _due(self, part: _Partition, now: float | None) -> bool:
+        if part.first is None:
+            return False
+        if part.forced_end is not None:
+            return part.last is not None and part.last >= part.forced_end
+        if len(part.events) >= settings.doris_max_rows or part.nbytes >= settings.doris_max_bytes:
+            return True
+        return now is not None and now - part.started >= settings.doris_max_interval
+
+    # -- flushing ----------------------------------------------------------------------
+
+    async def tick(self) -> None:
+        now = time.monotonic()
+        for partition, part in list(self.parts.items()):
+            if self._due(part, now):
+                await self.flush(partition)
+
+    async def flush(self, partition: int) -> None:
+        async with self.lock:
+            part = self.parts.get(partition)
+            if part is None or part.first is None or part.last is None:
+                return
+            first, last = part.first, part.last
+            events, items = part.events, part.items
+            if part.forced_end is None:
+                await self._record_intent(partition, part, (first, last))
+            self.sink.add_batch(SinkBatch(self.topic_name, partition, items, source_range=(first, last)))
+            await flush_with_retry(self.sink, on_rejected=lambda r: dead_letter_rejected(r, f"doris:{self.kind}"),
+                                   should_stop=lambda: bool(app.should_stop))
+            if self.parts.get(partition) is not part:
+                return  # revoked while loading: the new owner replays (same label)
+            for event in events:
+                await self._ack(event)
+            part.events, part.items, part.nbytes = [], [], 0
+            part.first = part.last = part.forced_end = None
+
+    async def _record_intent(self, partition: int, part: _Partition, rng: tuple[int, int]) -> None:
+        part.intents = [*part.intents, rng][-INTENTS_KEPT:]
+        fut = await doris_intents.send(key=self._intent_key(partition), value=orjson.dumps(part.intents),
+                                       partition=partition)
+        await fut  # the range must be durable before Doris can hold the batch
+
+    async def _ack(self, event: EventT) -> None:
+        if self.stream is not None:
+            await self.stream.ack(event)
+        else:
+            event.ack()
+
+
+async def _read_partition(topic: str, partition: int, start: int | None, end: int | None) -> list[Any]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_of(settings.broker_url), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        if start is None:
+            await consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, start)
+        stop = end if end is not None else (await consumer.end_offsets([tp]))[tp]
+        out: list[Any] = []
+        while await consumer.position(tp) < stop:
+            batch = await consumer.getmany(tp, timeout_ms=1000)
+            for record in batch.get(tp, []):
+                if record.offset < stop:
+                    out.append(record)
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def _read_intents(key: bytes, partition: int) -> list[tuple[int, int]]:
+    latest: list[tuple[int, int]] = []
+    for record in await _read_partition(DORIS_INTENTS, partition, None, None):
+        if record.key == key and record.value:
+            latest = [(int(a), int(b)) for a, b in orjson.loads(record.value)]
+    return latest
+
+
+async def _read_trace_ids(topic: str, partition: int, start: int, end: int) -> list[str]:
+    traces: list[str] = []
+    for record in await _read_partition(topic, partition, start, end):
+        try:
+            trace = orjson.loads(record.value or b"null").get("trace_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(trace, str):
+            traces.append(trace)
+    return traces
+
+
+def _register(stage: DorisStage, topic: Any) -> None:
+    async def doris_agent(stream: StreamT[Any]) -> None:
+        manual = cast(Stream[Any], stream).noack()
+        stage.stream = manual
+        async for event in manual.events():
+            async with stage.lock:
+                pass  # a flush in progress (Doris slow or down) holds us here: backpressure
+            await stage.on_event(event)
+
+    app.agent(topic, name=f"doris_{stage.kind}")(doris_agent)
+
+
+if settings.doris_enabled:
+    _client = StreamLoadClient.from_settings(settings)
+    STAGES = [
+        DorisStage("state", state.get_topic_name(), _client, dedup_trace=False),
+        DorisStage("image", image.get_topic_name(), _client, dedup_trace=False),
+        DorisStage("object", log.get_topic_name(), _client, dedup_trace=True),
+    ]
+    for _stage, _topic in zip(STAGES, (state, image, log), strict=True):
+        _register(_stage, _topic)
+
+    @app.timer(0.5)
+    async def doris_tick() -> None:
+        for stage in STAGES:
+            await stage.tick()
+
+    async def _doris_revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
+        revoked: set[TP] = kwargs.get("revoked") or (args[0] if args else set())
+        for stage in STAGES:
+            stage.revoke(revoked)
+
+    app.on_partitions_revoked.connect(_doris_revoked)  # type: ignore[arg-type]
+
+    app.close_on_shutdown(_client.stop)
+else:
+    STAGES = []
+    logger.warning("DICOMFLOW_DORIS_FE_URL is not set: the Doris sink is off; records stay in the topics")
