@@ -149,6 +149,117 @@ def replay_dlq(code: str | None, broker: str | None) -> None:
     click.echo(f"replay-dlq: scanned={summary.scanned} replayed={summary.replayed} by_code={summary.by_code}")
 
 
+@main.command()
+@click.option("--workers", type=int, default=None, help="Worker processes (DICOMFLOW_WORKERS, default 1).")
+def up(workers: int | None) -> None:
+    """Run the whole stack: embedded broker and PostgreSQL (unless configured), worker(s), SCP."""
+    import os
+
+    from dicomflow.stack import Stack
+
+    settings = _settings()
+    _logging(settings.log_level)
+    count = workers or int(os.environ.get("DICOMFLOW_WORKERS", "1") or 1)
+    stack = Stack(settings, workers=count, echo=click.echo)
+    try:
+        info = _run_or_exit(stack.start)
+        ready = stack.wait_ready(timeout=90)
+    except BaseException:
+        stack.stop()
+        raise
+    click.secho("dicomflow is up" if ready else "dicomflow started (the SCP is not accepting yet)",
+                fg="green" if ready else "yellow", bold=True)
+    click.echo(f"  broker      {info['broker']}{'  (embedded Tansu, memory-only)' if info['broker_embedded'] else ''}")
+    click.echo(f"  postgres    {info['postgres_dsn']}{'  (embedded)' if info['postgres_embedded'] else ''}")
+    scp = info["scp"]
+    click.echo(f"  scp         {scp['aet']}@{scp['host']}:{scp['port']}  (C-STORE)")
+    for w in info["workers"]:
+        click.echo(f"  worker      {w['web']}  metrics {w['metrics']}")
+    click.echo(f"  doris       {info['doris']}")
+    click.echo(f"  storage     {info['storage_root']}")
+    click.echo(f"  logs        {info['logs']}")
+    click.echo("Ctrl-C stops everything.")
+    sys.exit(stack.supervise())
+
+
+@main.command()
+@click.option("--port", type=int, help="Listen port (DICOMFLOW_SCP_PORT, default 11112).")
+@click.option("--aet", help="AE title (DICOMFLOW_SCP_AET, default DICOMFLOW).")
+@click.option("--broker", help="kafka://host:port (default: DICOMFLOW_BROKER, else the embedded one).")
+def scp(port: int | None, aet: str | None, broker: str | None) -> None:
+    """Run the C-STORE SCP alone (to scale feeders separately from workers)."""
+    import asyncio
+
+    from feeders.scp import serve
+    from streams.topology import EMBEDDED_PROFILE, PRODUCTION_PROFILE
+
+    _apply_overrides(DICOMFLOW_SCP_PORT=port, DICOMFLOW_SCP_AET=aet, DICOMFLOW_BROKER=broker)
+    settings = _settings()
+    _logging(settings.log_level)
+    profile = EMBEDDED_PROFILE if settings.broker_profile == "tansu" else PRODUCTION_PROFILE
+
+    def started(server: Any) -> None:
+        host, bound = server.address
+        click.echo(f"scp listening aet={settings.scp_aet} address={host}:{bound} broker={settings.broker_url}")
+
+    _run_or_exit(lambda: asyncio.run(serve(settings, broker_url=settings.broker_url, profile=profile,
+                                           on_started=started)))
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=None, help="SCP port (default DICOMFLOW_SCP_PORT or 11112).")
+@click.option("--aet", default=None, help="Called AE title (default DICOMFLOW_SCP_AET or DICOMFLOW).")
+@click.option("--calling-aet", default="DICOMFLOW_SCU", show_default=True)
+@click.option("--no-progress", is_flag=True)
+def send(paths: tuple[Path, ...], host: str, port: int | None, aet: str | None, calling_aet: str,
+         no_progress: bool) -> None:
+    """Send files or folders to a C-STORE SCP over one association."""
+    from feeders.scu import send_paths
+
+    settings = _settings()
+    summary = _run_or_exit(lambda: send_paths(paths, host, port or settings.scp_port, aet or settings.scp_aet,
+                                              calling_aet, progress=not no_progress))
+    click.echo(f"send: {summary}")
+    sys.exit(0 if summary.ok else 1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--broker", help="kafka://host:port (default: the running stack's, else DICOMFLOW_BROKER).")
+def status(as_json: bool, broker: str | None) -> None:
+    """Lag per topic and partition, dead letters by code, and the addresses in use."""
+    import asyncio
+
+    from dicomflow.stack import read_stack_file
+    from dicomflow.status import CONSUMED_TOPICS, CONSUMED_WITHOUT_DORIS, collect_status
+    from streams.settings import mask_dsn
+
+    settings = _settings()
+    stack = read_stack_file(settings.home)
+    url = broker or settings.broker or stack.get("broker") or settings.broker_url
+    consumed = CONSUMED_TOPICS if settings.doris_enabled else CONSUMED_WITHOUT_DORIS
+    report = _run_or_exit(lambda: asyncio.run(collect_status(url, settings.app_id, consumed)))
+    if settings.postgres_dsn is not None:
+        report["postgres_dsn"] = mask_dsn(settings.postgres_dsn.get())
+    else:
+        report["postgres_dsn"] = stack.get("postgres_dsn")
+    report["scp"] = stack.get("scp")
+    if as_json:
+        click.echo(codec.dumps(report).decode())
+        return
+    click.secho(f"broker {report['broker']}  group {report['group']}  total lag {report['total_lag']}", bold=True)
+    for topic, parts in report["topics"].items():
+        for p in parts:
+            lag = f"lag={p['lag']}" if "lag" in p else ""
+            click.echo(f"  {topic:32} p{p['partition']:<3} end={p['end_offset']:<8} "
+                       f"committed={p.get('committed_offset')!s:<8} {lag}")
+    for topic, codes in report["dead_letters"].items():
+        click.echo(f"  dead letters {topic}: {codes or 'none'}")
+    click.echo(f"  postgres {report['postgres_dsn']}")
+
+
 def _run_or_exit(fn: Any) -> Any:
     from dicomflow.errors import DicomflowError
 

@@ -1,0 +1,142 @@
+"""``dicomflow up``: the whole stack on one machine, with nothing installed but dicomflow.
+
+Starts what is not configured externally (the Tansu broker, PostgreSQL from the
+pgserver wheel), then the worker(s) and the SCP as child processes, prints where each
+listens, and on Ctrl-C/SIGTERM stops them in reverse order. The addresses in use are
+written to ``$DICOMFLOW_HOME/stack.json`` for ``dicomflow status``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicomflow.embedded.broker import EmbeddedBroker
+from dicomflow.embedded.ports import wait_for_port
+from streams.settings import Settings, mask_dsn
+
+__all__ = ["Stack", "read_stack_file"]
+
+log = logging.getLogger(__name__)
+
+STACK_FILE = "stack.json"
+
+
+def read_stack_file(home: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((home / STACK_FILE).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    workers: int = 1
+    echo: Any = print
+    broker: EmbeddedBroker | None = None
+    postgres: Any = None
+    children: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    _stopping: bool = False
+
+    def start(self) -> dict[str, Any]:
+        s = self.settings
+        s.home.mkdir(parents=True, exist_ok=True)
+        s.storage_root.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items()}
+        env["DICOMFLOW_HOME"] = str(s.home)
+        env["DICOMFLOW_STORAGE_ROOT"] = str(s.storage_root)
+        if s.broker is None:
+            self.broker = EmbeddedBroker(port=s.embedded_broker_port, log_path=s.home / "tansu.log").start()
+            env["DICOMFLOW_BROKER"] = self.broker.url
+            env["DICOMFLOW_BROKER_PROFILE"] = "tansu"
+        broker_url = env.get("DICOMFLOW_BROKER", s.broker_url)
+        if s.postgres_dsn is None:
+            from dicomflow.embedded.postgres import EmbeddedPostgres
+
+            self.postgres = EmbeddedPostgres(s.home / "postgres").start()
+            dsn = self.postgres.dsn
+            env["DICOMFLOW_POSTGRES_DSN"] = dsn
+        else:
+            dsn = s.postgres_dsn.get()
+        for i in range(self.workers):
+            wenv = dict(env, DICOMFLOW_WEB_PORT=str(s.web_port + i), DICOMFLOW_WORKER_ID=f"{s.worker_id}-{i}")
+            self._spawn(f"worker-{i}", [sys.executable, "-m", "dicomflow.cli", "worker"], wenv)
+        self._spawn("scp", [sys.executable, "-m", "dicomflow.cli", "scp"], env)
+        info = {
+            "broker": broker_url,
+            "broker_embedded": self.broker is not None,
+            "postgres_dsn": mask_dsn(dsn),
+            "postgres_embedded": self.postgres is not None,
+            "scp": {"aet": s.scp_aet, "host": s.scp_host, "port": s.scp_port},
+            "workers": [{"web": f"http://127.0.0.1:{s.web_port + i}",
+                         "metrics": f"http://127.0.0.1:{s.web_port + i}/metrics"} for i in range(self.workers)],
+            "doris": s.doris_fe_url or "off (records stay in the topics)",
+            "storage_root": str(s.storage_root),
+            "logs": str(s.home / "logs"),
+        }
+        (s.home / STACK_FILE).write_text(json.dumps(info, indent=2))
+        # The unmasked DSN stays in a file only the owner can read, for `status`.
+        secret = s.home / "postgres.dsn"
+        secret.write_text(dsn)
+        secret.chmod(0o600)
+        return info
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        logs = self.settings.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child's lifetime
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        self.children.append((name, proc))
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        """The SCP accepting associations is the last thing to come up."""
+        return wait_for_port("127.0.0.1", self.settings.scp_port, timeout)
+
+    def supervise(self) -> int:
+        """Block until a signal or a child's death; then stop everything. Returns an exit code."""
+        def on_signal(signum: int, frame: Any) -> None:
+            self._stopping = True
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        code = 0
+        while not self._stopping:
+            for name, proc in self.children:
+                if proc.poll() is not None:
+                    self.echo(f"dicomflow: {name} exited with code {proc.returncode}; stopping the stack "
+                              f"(see {self.settings.home / 'logs' / (name + '.log')})")
+                    self._stopping = True
+                    code = 1
+            time.sleep(0.2)
+        self.stop()
+        return code
+
+    def stop(self) -> None:
+        for _name, proc in reversed(self.children):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for name, proc in reversed(self.children):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time; killing it", name)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.children.clear()
+        if self.postgres is not None:
+            self.postgres.stop()
+            self.postgres = None
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
