@@ -1,0 +1,228 @@
+"""The C-STORE SCU: send DICOM files and folders to an SCP (``dicomflow send``).
+
+Files are scanned first (header only) so that exactly the presentation contexts
+they need are proposed: one context per (SOP class, transfer syntax) pair, each
+with that single syntax, so every file is sent in the encoding it is stored in
+and the receiver can keep it as it came. More than 128 distinct pairs (the
+protocol's limit per association) are spread over consecutive associations.
+
+Nothing here raises for a bad file, a refused association or a failed C-STORE:
+every outcome is counted in the returned :class:`SendSummary`, so a CLI can print
+it and choose its exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import MediaStorageDirectoryStorage
+from pynetdicom import AE
+from tqdm import tqdm
+
+__all__ = ["SendSummary", "iter_files", "send_paths"]
+
+log = logging.getLogger(__name__)
+
+#: The most presentation contexts one A-ASSOCIATE-RQ may propose (ids 1..255, odd).
+MAX_CONTEXTS = 128
+
+
+@dataclass
+class SendSummary:
+    """What happened to each file given to :func:`send_paths`."""
+
+    #: Status 0x0000.
+    succeeded: int = 0
+    #: Warning statuses (0xB000, 0xB006, 0xB007): stored, but the SCP changed something.
+    warnings: int = 0
+    #: A failure status, no response, or not sent because the association failed.
+    failed: int = 0
+    #: Not sendable: not DICOM, no SOP class / transfer syntax, or a DICOMDIR.
+    skipped: int = 0
+    #: Count of each status code the SCP returned.
+    statuses: Counter[int] = field(default_factory=Counter)
+    #: (file, reason) for every failed or skipped file.
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.succeeded + self.warnings + self.failed + self.skipped
+
+    @property
+    def ok(self) -> bool:
+        """True when every sendable file was stored (skipped files do not count)."""
+        return self.failed == 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    path: Path
+    sop_class: str
+    transfer_syntax: str
+
+
+def iter_files(paths: Iterable[Path | str]) -> Iterator[Path]:
+    """Every regular file named, or found below a named folder, in a stable order."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    yield Path(root) / name
+        else:
+            yield path
+
+
+def _scan(path: Path) -> _Item | str:
+    """The file's SOP class and transfer syntax, or why it cannot be sent."""
+    if not path.is_file():
+        return "no such file"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception as exc:  # pydicom raises many types on non-DICOM input
+        return f"not DICOM: {type(exc).__name__}: {exc}"
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID") or "") if meta is not None else ""
+    sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
+    if not ts:
+        return "no Transfer Syntax UID in the file meta information"
+    if not sop_class:
+        return "no SOP Class UID"
+    if sop_class == MediaStorageDirectoryStorage:
+        return "DICOMDIR (a media directory, not an instance)"
+    return _Item(path, sop_class.strip(), ts.strip())
+
+
+def _batches(items: list[_Item]) -> Iterator[tuple[list[tuple[str, str]], list[_Item]]]:
+    """Group files so that each association proposes at most MAX_CONTEXTS contexts."""
+    pairs = list(dict.fromkeys((i.sop_class, i.transfer_syntax) for i in items))
+    for start in range(0, len(pairs), MAX_CONTEXTS):
+        chunk = pairs[start:start + MAX_CONTEXTS]
+        wanted = set(chunk)
+        yield chunk, [i for i in items if (i.sop_class, i.transfer_syntax) in wanted]
+
+
+def _status_of(rsp: Dataset) -> int | None:
+    status = rsp.get("Status") if rsp is not None else None
+    return int(status) if status is not None else None
+
+
+def send_paths(paths: Iterable[Path | str], host: str, port: int, called_aet: str,
+               calling_aet: str = "DICOMFLOW_SCU", progress: bool = False, *,
+               ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
+               timeout_s: float = 30.0) -> SendSummary:
+    """Send every DICOM file in ``paths`` (files or folders, recursively) by C-STORE.
+
+    Parameters
+    ----------
+    paths
+        Files and/or folders; folders are walked recursively.
+    host, port, called_aet
+        The SCP to send to.
+    calling_aet
+        Our AE title; the SCP may map it to a tenant or reject it.
+    progress
+        Show a tqdm progress bar on stderr.
+    ssl_context
+        Send over TLS (e.g. ``ssl.create_default_context(cafile=...)``).
+    timeout_s
+        ACSE, DIMSE and network timeout.
+
+    Returns
+    -------
+    SendSummary
+        Counts per outcome and the reason for every file not stored.
+    """
+    summary = SendSummary()
+    items: list[_Item] = []
+    for path in iter_files(paths):
+        scanned = _scan(path)
+        if isinstance(scanned, str):
+            summary.skipped += 1
+            summary.failures.append((path, scanned))
+            log.info("skipped path=%s reason=%s", path, scanned)
+        else:
+            items.append(scanned)
+    with tqdm(total=len(items), disable=not progress, unit="file", desc=f"C-STORE {called_aet}") as bar:
+        for contexts, batch in _batches(items):
+            _send_batch(batch, contexts, host, port, called_aet, calling_aet, ssl_context,
+                        server_hostname, timeout_s, summary, bar)
+    log.info("send finished host=%s port=%s called_aet=%s succeeded=%d warnings=%d failed=%d skipped=%d",
+             host, port, called_aet, summary.succeeded, summary.warnings, summary.failed, summary.skipped)
+    return summary
+
+
+def _fail(summary: SendSummary, item: _Item, reason: str) -> None:
+    summary.failed += 1
+    summary.failures.append((item.path, reason))
+    log.warning("store failed path=%s reason=%s", item.path, reason)
+
+
+def _send_batch(batch: list[_Item], contexts: list[tuple[str, str]], host: str, port: int,
+                called_aet: str, calling_aet: str, ssl_context: ssl.SSLContext | None,
+                server_hostname: str | None, timeout_s: float, summary: SendSummary,
+                bar: tqdm[None]) -> None:
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    for sop_class, ts in contexts:
+        ae.add_requested_context(sop_class, ts)
+    tls_args = (ssl_context, server_hostname or host) if ssl_context is not None else None
+    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            reason = f"association rejected by {called_aet}@{host}:{port}"
+            rj = assoc.acceptor.primitive
+            if rj is not None:
+                reason += (f" (result={rj.result_str}, source={rj.source_str}, "
+                           f"reason={rj.reason_str})")
+        elif assoc.is_aborted:
+            reason = f"association aborted by {called_aet}@{host}:{port}"
+        else:
+            reason = f"cannot associate with {called_aet}@{host}:{port}"
+        for item in batch:
+            _fail(summary, item, reason)
+        bar.update(len(batch))
+        return
+    try:
+        for item in batch:
+            try:
+                if not assoc.is_established:
+                    raise RuntimeError("association lost")
+                rsp = assoc.send_c_store(_read(item.path))
+            except Exception as exc:  # a file pydicom cannot re-read, or a dropped association
+                _fail(summary, item, f"{type(exc).__name__}: {exc}")
+                bar.update(1)
+                continue
+            status = _status_of(rsp)
+            if status is None:
+                _fail(summary, item, "no C-STORE response (timeout or aborted association)")
+            else:
+                summary.statuses[status] += 1
+                if status == 0x0000:
+                    summary.succeeded += 1
+                elif status in (0xB000, 0xB006, 0xB007):
+                    summary.warnings += 1
+                else:
+                    _fail(summary, item, f"status 0x{status:04X}")
+            bar.update(1)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _read(path: Path) -> Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(path)

@@ -1,0 +1,186 @@
+"""Where received instances are written, and how, so that no reader ever sees half a file.
+
+Layout: ``{root}/{tenant}/{YYYYMMDD}/{study_uid}/{series_uid}/{sop_uid}.dcm``.
+
+Every component is reduced to ``[A-Za-z0-9._-]`` (UIDs and valid tenants pass
+unchanged), so a hostile UID such as ``../../etc`` cannot leave the root; the
+joined path is checked against the root as well, in case a future change forgets.
+
+A placement writes a hidden temporary file in the target directory, fsyncs it,
+renames it over the final name and fsyncs the directory. It stays *revocable*
+until :meth:`Placement.commit`: the SCP answers C-STORE success only once the
+broker has the event, and when that fails :meth:`Placement.rollback` restores
+what was there before (a retransmission of an already stored instance must not
+delete the copy an earlier event already announced) or removes the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from schemas.dicomvalues import parse_da
+
+__all__ = ["UNKNOWN_STUDY_DATE", "InstanceStore", "Placement", "safe_component"]
+
+log = logging.getLogger(__name__)
+
+#: Folder name for instances without a usable StudyDate.
+UNKNOWN_STUDY_DATE = "00000000"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+# UIDs are at most 64 characters; the margin keeps odd-but-harmless values intact
+# while bounding the whole relative path well under the contract's 512.
+_MAX_COMPONENT = 80
+_COPY_CHUNK = 1024 * 1024
+
+
+def safe_component(value: str) -> str:
+    """``value`` as a single, harmless path component (never empty, '.', or '..')."""
+    text = _UNSAFE.sub("_", value.strip(" \x00"))[:_MAX_COMPONENT]
+    if not text or set(text) == {"."}:
+        return "_"
+    # A leading dot would hide the file and collide with our temporary names.
+    return "_" + text[1:] if text.startswith(".") else text
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; some filesystems refuse fsync on a directory.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass(slots=True)
+class Placement:
+    """A file renamed into place, still revocable until :meth:`commit`."""
+
+    path: Path
+    relpath: PurePosixPath
+    size: int
+    _backup: Path | None = None
+
+    def commit(self) -> None:
+        """The event is acknowledged: drop the safety copy of any earlier version."""
+        backup, self._backup = self._backup, None
+        if backup is not None:
+            with contextlib.suppress(FileNotFoundError):
+                backup.unlink()
+
+    def rollback(self) -> None:
+        """Undo the placement: restore the earlier version, or remove the file."""
+        backup, self._backup = self._backup, None
+        try:
+            if backup is not None:
+                os.replace(backup, self.path)
+            else:
+                self.path.unlink(missing_ok=True)
+        finally:
+            _fsync_dir(self.path.parent)
+
+
+class InstanceStore:
+    """Writes instances under ``root``. Stateless apart from the root; thread-safe."""
+
+    def __init__(self, root: Path, *, file_mode: int = 0o640) -> None:
+        self.root = Path(root)
+        # 0640: stored files hold PHI; the pipeline's readers share the group.
+        self.file_mode = file_mode
+
+    def relpath(self, tenant: str, study_date: str | None, study_uid: str, series_uid: str,
+                sop_uid: str) -> PurePosixPath:
+        """The relative path of an instance; a missing or invalid ``study_date`` (DA) gives 00000000."""
+        date = UNKNOWN_STUDY_DATE
+        if study_date:
+            with contextlib.suppress(ValueError):
+                parse_da(study_date)
+                date = study_date.strip()
+        return PurePosixPath(safe_component(tenant), date, safe_component(study_uid),
+                             safe_component(series_uid), safe_component(sop_uid) + ".dcm")
+
+    def write_bytes(self, relpath: PurePosixPath, data: bytes) -> Placement:
+        """Place ``data`` (a complete Part 10 file) at ``relpath``."""
+
+        def fill(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+        return self._place(relpath, fill)
+
+    def adopt_file(self, relpath: PurePosixPath, source: Path) -> Placement:
+        """Move ``source`` (e.g. pynetdicom's spool file) to ``relpath``; copy across filesystems."""
+
+        def fill(tmp: Path) -> None:
+            try:
+                os.replace(source, tmp)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                with open(source, "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, _COPY_CHUNK)
+            # The spool file was written by another handle; fsync the data we now own.
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        return self._place(relpath, fill)
+
+    def _final(self, relpath: PurePosixPath) -> Path:
+        if relpath.is_absolute() or ".." in relpath.parts:
+            raise ValueError(f"storage path escapes the root: {relpath}")
+        final = self.root / Path(*relpath.parts)
+        root = os.path.normpath(os.path.abspath(self.root))
+        if os.path.commonpath([root, os.path.normpath(os.path.abspath(final))]) != root:
+            raise ValueError(f"storage path escapes the root: {relpath}")
+        return final
+
+    def _place(self, relpath: PurePosixPath, fill: Callable[[Path], None]) -> Placement:
+        final = self._final(relpath)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".part")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        backup: Path | None = None
+        try:
+            fill(tmp)
+            os.chmod(tmp, self.file_mode)
+            size = tmp.stat().st_size
+            if final.exists():
+                backup = final.with_name(f".{final.name}.{uuid.uuid4().hex}.prev")
+                try:
+                    # A hard link keeps the earlier version without a moment where
+                    # the final name is missing.
+                    os.link(final, backup)
+                except OSError as exc:
+                    log.warning("no backup of earlier version path=%s error=%s", relpath, exc)
+                    backup = None
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if backup is not None:
+                with contextlib.suppress(OSError):
+                    backup.unlink()
+            raise
+        _fsync_dir(final.parent)
+        return Placement(path=final, relpath=relpath, size=size, _backup=backup)

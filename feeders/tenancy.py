@@ -1,0 +1,118 @@
+"""Which tenant an incoming DICOM instance belongs to.
+
+The SCP decides twice. At association time (A-ASSOCIATE-RQ) it only knows the AE
+titles, and an association that cannot be given any tenant is rejected there, before
+a single byte of pixel data arrives. Per instance it may additionally consult the
+seeds' private tag (1211,1217) when ``tenant_from_private_tag`` is on.
+
+Precedence, most specific first:
+
+1. ``tenant_by_calling_ae``: the sending device. An operator who maps a device has
+   said who owns its data; nothing inside the data may override that.
+2. ``tenant_by_called_ae``: the AE title the device addressed (one AE per tenant).
+3. The private tag (1211,1217), if enabled and valid: a hint that only replaces
+   the default tenant, so a mapped device can never write into another tenant.
+4. ``default_tenant``.
+
+An association whose AE titles map to nothing is rejected with "calling AE title
+not recognised" unless ``default_tenant`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dicomflow.errors import ConfigError
+
+if TYPE_CHECKING:
+    from streams.settings import Settings
+
+__all__ = ["TENANT_PATTERN", "AssociationTenant", "TenantResolver", "is_valid_tenant"]
+
+log = logging.getLogger(__name__)
+
+#: The storage-event contract's tenant_id pattern (storage_event.v1.schema.json).
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def is_valid_tenant(value: str | None) -> bool:
+    """True if ``value`` satisfies the contract's ``tenant_id`` pattern."""
+    return value is not None and TENANT_PATTERN.fullmatch(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class AssociationTenant:
+    """The tenant decided from the AE titles, and whether a private tag may replace it."""
+
+    tenant: str
+    #: True when an AE-title mapping decided; False when it is only the default tenant.
+    mapped: bool
+    source: str
+
+
+def _checked(name: str, mapping: Mapping[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for ae, tenant in mapping.items():
+        if not is_valid_tenant(tenant):
+            raise ConfigError(f"{name}: tenant {tenant!r} for AE {ae!r} does not match "
+                              f"{TENANT_PATTERN.pattern}", field=name)
+        # AE titles arrive space-padded to 16 characters; compare them stripped.
+        out[ae.strip()] = tenant
+    return out
+
+
+@dataclass(frozen=True)
+class TenantResolver:
+    """Maps AE titles (and optionally the private tag) to a tenant id. Pure; thread-safe."""
+
+    by_calling_ae: Mapping[str, str] = field(default_factory=dict)
+    by_called_ae: Mapping[str, str] = field(default_factory=dict)
+    default_tenant: str | None = None
+    from_private_tag: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_calling_ae", _checked("tenant_by_calling_ae", self.by_calling_ae))
+        object.__setattr__(self, "by_called_ae", _checked("tenant_by_called_ae", self.by_called_ae))
+        if self.default_tenant is not None and not is_valid_tenant(self.default_tenant):
+            raise ConfigError(f"default tenant {self.default_tenant!r} does not match "
+                              f"{TENANT_PATTERN.pattern}", field="DICOMFLOW_DEFAULT_TENANT")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TenantResolver:
+        return cls(
+            by_calling_ae=settings.tenant_by_calling_ae,
+            by_called_ae=settings.tenant_by_called_ae,
+            default_tenant=settings.default_tenant,
+            from_private_tag=settings.tenant_from_private_tag,
+        )
+
+    def for_association(self, calling_ae: str, called_ae: str) -> AssociationTenant | None:
+        """The tenant for an association, or None when it must be rejected."""
+        calling_ae, called_ae = calling_ae.strip(), called_ae.strip()
+        by_calling = self.by_calling_ae.get(calling_ae)
+        by_called = self.by_called_ae.get(called_ae)
+        if by_calling is not None:
+            if by_called is not None and by_called != by_calling:
+                log.warning("tenant conflict calling_ae=%s tenant=%s called_ae=%s called_tenant=%s "
+                            "resolution=calling_ae", calling_ae, by_calling, called_ae, by_called)
+            return AssociationTenant(by_calling, mapped=True, source="calling_ae")
+        if by_called is not None:
+            return AssociationTenant(by_called, mapped=True, source="called_ae")
+        if self.default_tenant is not None:
+            return AssociationTenant(self.default_tenant, mapped=False, source="default")
+        return None
+
+    def for_instance(self, association: AssociationTenant, private_tag_value: str | None) -> str:
+        """The tenant for one instance received on an accepted association."""
+        if not self.from_private_tag or association.mapped or private_tag_value is None:
+            return association.tenant
+        value = private_tag_value.strip(" \x00")
+        if is_valid_tenant(value):
+            return value
+        log.warning("private tenant tag ignored value=%r reason=pattern tenant=%s",
+                    value[:80], association.tenant)
+        return association.tenant

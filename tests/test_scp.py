@@ -1,0 +1,713 @@
+"""The C-STORE SCP feeder and the SCU, against the real Tansu broker and real associations.
+
+Every network test runs a real pynetdicom SCP on a loopback port chosen by the OS
+and talks to it with a real SCU (dicomflow's, a plain pynetdicom AE, or dcmtk's
+``storescu`` when installed). The blocking SCU always runs in a worker thread:
+the SCP's handlers publish through the test's event loop, which must stay free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import ssl
+import subprocess
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import orjson
+import pydicom
+import pytest
+from aiokafka import AIOKafkaConsumer
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage
+
+from dicomflow.embedded.broker import EmbeddedBroker
+from dicomflow.errors import BrokerError, Code, ConfigError, ExtractionError
+from feeders.publisher import EventPublisher
+from feeders.scp import (
+    CANNOT_UNDERSTAND,
+    DATASET_MISMATCH,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    LoopBridge,
+    ScpConfig,
+    StorageSCP,
+    StoreDeps,
+    handle_store,
+    read_instance_header,
+    serve,
+)
+from feeders.scu import send_paths
+from feeders.storage import UNKNOWN_STUDY_DATE, InstanceStore, safe_component
+from feeders.tenancy import AssociationTenant, TenantResolver
+from schemas.contract import validate_event
+from schemas.records import series_key
+from streams.settings import Settings
+from streams.topology import EMBEDDED_PROFILE, STORAGE
+
+pytestmark = pytest.mark.integration
+
+CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
+TEST_FILES = CT_SMALL.parent
+# The partition count every test in the session must agree on (DICOMFLOW_PARTITIONS default).
+PARTITIONS = 4
+SCP_AET = "DICOMFLOW"
+CREATED = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{6}$")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Study:
+    study_uid: str
+    folder: Path
+    #: series uid -> [sop uids]
+    series: dict[str, list[str]] = field(default_factory=dict)
+    paths: list[Path] = field(default_factory=list)
+
+    @property
+    def sop_uids(self) -> list[str]:
+        return [s for sops in self.series.values() for s in sops]
+
+
+def make_study(folder: Path, *, n_series: int = 2, n_instances: int = 3, study_date: str | None = "20240131",
+               source: Path = CT_SMALL, **attrs: Any) -> Study:
+    """Clones of ``source`` with fresh Study/Series/SOP UIDs, one file per instance."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study = Study(study_uid=generate_uid(), folder=folder)
+    for s in range(n_series):
+        series_uid = generate_uid()
+        study.series[series_uid] = []
+        for i in range(n_instances):
+            ds = pydicom.dcmread(source)
+            ds.StudyInstanceUID = study.study_uid
+            ds.SeriesInstanceUID = series_uid
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.SeriesNumber = s + 1
+            ds.InstanceNumber = i + 1
+            ds.AccessionNumber = "ACC123"
+            if study_date is None:
+                if "StudyDate" in ds:
+                    del ds.StudyDate
+            else:
+                ds.StudyDate = study_date
+            for keyword, value in attrs.items():
+                setattr(ds, keyword, value)
+            path = folder / f"s{s}_i{i}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            study.series[series_uid].append(ds.SOPInstanceUID)
+            study.paths.append(path)
+    return study
+
+
+def expected_path(root: Path, tenant: str, study: Study, series_uid: str, sop_uid: str,
+                  date: str = "20240131") -> Path:
+    return root / tenant / date / study.study_uid / series_uid / f"{sop_uid}.dcm"
+
+
+async def collect_events(bootstrap: str, study_uids: set[str], expected: int,
+                         timeout: float = 20.0) -> list[tuple[str | None, dict[str, Any]]]:
+    """Storage events of the given studies, read from the beginning of the topic.
+
+    The topic is shared by the whole session, so other tests' events are filtered out.
+    Returns as soon as ``expected`` events arrived, or whatever arrived by the deadline.
+    """
+    consumer = AIOKafkaConsumer(STORAGE, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    found: list[tuple[str | None, dict[str, Any]]] = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(found) < expected and loop.time() < deadline:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for rec in records:
+                    event = orjson.loads(rec.value)
+                    if event.get("study_uid") in study_uids:
+                        found.append((rec.key.decode() if rec.key else None, event))
+    finally:
+        await consumer.stop()
+    return found
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+async def publisher(broker: EmbeddedBroker) -> AsyncIterator[EventPublisher]:
+    pub = EventPublisher(broker.url, EMBEDDED_PROFILE, partitions=PARTITIONS, request_timeout_s=5.0)
+    await pub.start()
+    try:
+        yield pub
+    finally:
+        await pub.stop()
+
+
+ScpFactory = Callable[..., StorageSCP]
+
+
+@pytest.fixture
+async def start_scp(tmp_path: Path) -> AsyncIterator[ScpFactory]:
+    """Start an SCP on a free loopback port: ``start_scp(publisher, tenancy=..., **config)``."""
+    started: list[StorageSCP] = []
+
+    def factory(pub: Any, *, tenancy: TenantResolver | None = None, **overrides: Any) -> StorageSCP:
+        config = ScpConfig(
+            storage_root=overrides.pop("storage_root", tmp_path / "storage"),
+            tenancy=tenancy or TenantResolver(by_calling_ae={"MODALITY": "hospital-a"}),
+            ae_title=SCP_AET, host="127.0.0.1", port=0, worker_node_id="test-worker",
+            **overrides,
+        )
+        scp = StorageSCP(config, pub)
+        scp.start()
+        started.append(scp)
+        return scp
+
+    yield factory
+    for scp in started:
+        await scp.aclose(grace_s=5.0)
+
+
+@pytest.fixture
+def chunked_send() -> Iterator[None]:
+    """Send files' bytes as they are (no decode/re-encode by the SCU); restored afterwards."""
+    saved = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        yield
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = saved
+
+
+async def send(scp: StorageSCP, paths: list[Path], calling_aet: str = "MODALITY",
+               called_aet: str = SCP_AET, progress: bool = False, **kw: Any) -> Any:
+    host, port = scp.address
+    return await asyncio.to_thread(send_paths, paths, host, port, called_aet, calling_aet, progress, **kw)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("spool_to_disk", [True, False], ids=["spooled", "in-memory"])
+async def test_multi_series_study_is_stored_and_published(
+    tmp_path: Path, broker: EmbeddedBroker, publisher: EventPublisher, start_scp: ScpFactory,
+    spool_to_disk: bool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    study = make_study(tmp_path / "in")
+    used: list[str] = []
+    for method in ("adopt_file", "write_bytes"):
+        original = getattr(InstanceStore, method)
+
+        def spy(self: InstanceStore, *args: Any, _m: str = method, _o: Any = original) -> Any:
+            used.append(_m)
+            return _o(self, *args)
+
+        monkeypatch.setattr(InstanceStore, method, spy)
+    scp = start_scp(publisher, spool_to_disk=spool_to_disk)
+    root = scp.config.storage_root
+
+    summary = await send(scp, [study.folder])
+
+    assert summary.succeeded == 6 and summary.failed == 0, summary.failures
+    # Spooled data sets are moved from pynetdicom's spool file, never loaded into memory.
+    assert used == ["adopt_file" if spool_to_disk else "write_bytes"] * 6
+    assert summary.statuses == {SUCCESS: 6}
+    for series_uid, sops in study.series.items():
+        for sop in sops:
+            path = expected_path(root, "hospital-a", study, series_uid, sop)
+            assert path.is_file()
+            stored = pydicom.dcmread(path)
+            assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+            assert stored.SOPInstanceUID == sop
+    # Exactly the six instances, and no temporary or spool leftovers beside them.
+    assert len(files_under(root)) == 6
+
+    events = await collect_events(broker.bootstrap, {study.study_uid}, expected=6)
+    assert len(events) == 6
+    by_sop = {e["sop_uid"]: (key, e) for key, e in events}
+    assert set(by_sop) == set(study.sop_uids)
+    for series_uid, sops in study.series.items():
+        for sop in sops:
+            key, event = by_sop[sop]
+            validate_event(event)
+            assert key == series_key("hospital-a", study.study_uid, series_uid)
+            path = expected_path(root, "hospital-a", study, series_uid, sop)
+            assert event["file_path"] == path.relative_to(root).as_posix()
+            assert event["tenant_id"] == "hospital-a"
+            assert event["series_uid"] == series_uid
+            assert event["study_uid"] == study.study_uid
+            assert event["file_size"] == path.stat().st_size
+            assert event["transfer_syntax_uid"] == ExplicitVRLittleEndian
+            assert event["source_ae"] == "MODALITY"
+            assert event["source_ip"] == "127.0.0.1"
+            assert event["worker_node_id"] == "test-worker"
+            assert event["patient_id"] == pydicom.dcmread(CT_SMALL).PatientID
+            assert event["study_date"] == "2024-01-31"
+            assert event["accession_number"] == "ACC123"
+            assert event["target_ts"] is None
+            assert CREATED.match(event["created_time"])
+            assert str(uuid.UUID(event["trace_id"])) == event["trace_id"]
+    assert len({e["trace_id"] for _, e in events}) == 6
+
+
+# Bundled pydicom files, one per transfer syntax the SCP must accept.
+_SYNTAX_SAMPLES = [
+    "MR_small_implicit.dcm",            # Implicit VR Little Endian
+    "CT_small.dcm",                     # Explicit VR Little Endian
+    "MR_small_bigendian.dcm",           # Explicit VR Big Endian
+    "image_dfl.dcm",                    # Deflated Explicit VR Little Endian
+    "SC_rgb_jpeg_dcmtk.dcm",            # JPEG Baseline
+    "JPEG-lossy.dcm",                   # JPEG Extended
+    "SC_rgb_jpeg_gdcm.dcm",             # JPEG Lossless SV1
+    "MR_small_jpeg_ls_lossless.dcm",    # JPEG-LS Lossless
+    "MR_small_jp2klossless.dcm",        # JPEG 2000 Lossless
+    "JPEG2000.dcm",                     # JPEG 2000
+    "MR_small_RLE.dcm",                 # RLE Lossless
+]
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The bytes after the file meta information: the data set as encoded."""
+    with open(path, "rb") as fh:
+        pydicom.filereader.read_preamble(fh, False)
+        pydicom.filereader._read_file_meta_info(fh)
+        return fh.read()
+
+
+@pytest.mark.parametrize("spool_to_disk", [True, False], ids=["spooled", "in-memory"])
+async def test_every_common_transfer_syntax_is_stored_byte_for_byte(
+    tmp_path: Path, publisher: EventPublisher, start_scp: ScpFactory, chunked_send: None,
+    spool_to_disk: bool,
+) -> None:
+    """Each syntax is accepted and the data set is kept exactly as it came over the wire."""
+    sources = []
+    for name in _SYNTAX_SAMPLES:
+        ds = pydicom.dcmread(TEST_FILES / name)
+        # Several samples share UIDs; fresh ones keep them from overwriting each other.
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        path = tmp_path / "in" / name
+        path.parent.mkdir(exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        sources.append(path)
+    scp = start_scp(publisher, spool_to_disk=spool_to_disk)
+
+    summary = await send(scp, sources)
+
+    assert summary.succeeded == len(sources), summary.failures
+    stored = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p
+              for p in files_under(scp.config.storage_root)}
+    for src in sources:
+        ds = pydicom.dcmread(src, stop_before_pixels=True)
+        out = stored[ds.SOPInstanceUID]
+        assert pydicom.dcmread(out).file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID, src.name
+        assert _dataset_bytes(out) == _dataset_bytes(src), src.name
+
+
+async def test_non_ascii_patient_survives(
+    tmp_path: Path, broker: EmbeddedBroker, publisher: EventPublisher, start_scp: ScpFactory,
+) -> None:
+    study = make_study(tmp_path / "in", n_series=1, n_instances=1, SpecificCharacterSet="ISO_IR 192",
+                       PatientName="Müller^Jürgen", PatientID="PID-ü-患者")
+    scp = start_scp(publisher)
+
+    summary = await send(scp, study.paths)
+
+    assert summary.succeeded == 1, summary.failures
+    (series_uid, [sop]), = study.series.items()
+    stored = pydicom.dcmread(expected_path(scp.config.storage_root, "hospital-a", study, series_uid, sop))
+    assert str(stored.PatientName) == "Müller^Jürgen"
+    assert stored.PatientID == "PID-ü-患者"
+    [(_, event)] = await collect_events(broker.bootstrap, {study.study_uid}, expected=1)
+    assert event["patient_id"] == "PID-ü-患者"
+
+
+async def test_concurrent_associations_all_succeed(
+    tmp_path: Path, broker: EmbeddedBroker, publisher: EventPublisher, start_scp: ScpFactory,
+) -> None:
+    studies = [make_study(tmp_path / f"in{i}", n_series=1, n_instances=3) for i in range(3)]
+    scp = start_scp(publisher)
+    in_flight = threading.Barrier(3, timeout=10)
+
+    def send_one(study: Study) -> Any:
+        in_flight.wait()  # all three associations open together
+        host, port = scp.address
+        return send_paths([study.folder], host, port, SCP_AET, "MODALITY")
+
+    summaries = await asyncio.gather(*(asyncio.to_thread(send_one, s) for s in studies))
+
+    for summary in summaries:
+        assert summary.succeeded == 3 and summary.failed == 0, summary.failures
+    events = await collect_events(broker.bootstrap, {s.study_uid for s in studies}, expected=9)
+    assert len(events) == 9
+    assert len(files_under(scp.config.storage_root)) == 9
+
+
+async def test_missing_study_date_goes_to_zero_folder(
+    tmp_path: Path, broker: EmbeddedBroker, publisher: EventPublisher, start_scp: ScpFactory,
+) -> None:
+    study = make_study(tmp_path / "in", n_series=1, n_instances=1, study_date=None)
+    scp = start_scp(publisher)
+
+    summary = await send(scp, study.paths, progress=True)
+
+    assert summary.succeeded == 1, summary.failures
+    (series_uid, [sop]), = study.series.items()
+    assert expected_path(scp.config.storage_root, "hospital-a", study, series_uid, sop,
+                         date=UNKNOWN_STUDY_DATE).is_file()
+    [(_, event)] = await collect_events(broker.bootstrap, {study.study_uid}, expected=1)
+    assert event["study_date"] is None
+
+
+async def test_serve_standalone(tmp_path: Path, broker: EmbeddedBroker) -> None:
+    """``serve()`` (what ``dicomflow scp`` runs) owns its publisher and stops on request."""
+    settings = Settings.from_env({
+        "DICOMFLOW_HOME": str(tmp_path / "home"),
+        "DICOMFLOW_BROKER": broker.url,
+        "DICOMFLOW_DEFAULT_TENANT": "standalone",
+        "DICOMFLOW_PARTITIONS": str(PARTITIONS),
+    })
+    stop = asyncio.Event()
+    started: asyncio.Future[StorageSCP] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(settings, profile=EMBEDDED_PROFILE, stop=stop, handle_signals=False,
+                                     on_started=started.set_result, host="127.0.0.1", port=0))
+    scp = await asyncio.wait_for(started, 20)
+    study = make_study(tmp_path / "in", n_series=1, n_instances=2)
+
+    summary = await send(scp, study.paths, calling_aet="ANYONE")
+
+    stop.set()
+    await asyncio.wait_for(task, 20)
+    assert summary.succeeded == 2, summary.failures
+    assert not scp.running
+    assert len(files_under(settings.storage_root / "standalone")) == 2
+    events = await collect_events(broker.bootstrap, {study.study_uid}, expected=2)
+    assert {e["tenant_id"] for _, e in events} == {"standalone"}
+
+
+# ----------------------------------------------------------------------------- tenancy
+
+
+async def test_unknown_calling_ae_is_rejected_at_association(
+    tmp_path: Path, publisher: EventPublisher, start_scp: ScpFactory,
+) -> None:
+    scp = start_scp(publisher, tenancy=TenantResolver(by_calling_ae={"MODALITY": "hospital-a"}))
+    host, port = scp.address
+
+    def associate() -> tuple[bool, bool, Any]:
+        ae = AE(ae_title="STRANGER")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate(host, port, ae_title=SCP_AET)
+        established = assoc.is_established
+        if established:
+            assoc.release()
+        return established, assoc.is_rejected, assoc.acceptor.primitive
+
+    established, rejected, rj = await asyncio.to_thread(associate)
+
+    assert not established and rejected
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)  # calling AE not recognised
+    study = make_study(tmp_path / "in", n_series=1, n_instances=1)
+    summary = await send(scp, study.paths, calling_aet="STRANGER")
+    assert summary.failed == 1 and "rejected" in summary.failures[0][1]
+    assert files_under(scp.config.storage_root) == []
+
+
+async def test_default_tenant_accepts_unknown_calling_ae(
+    tmp_path: Path, broker: EmbeddedBroker, publisher: EventPublisher, start_scp: ScpFactory,
+) -> None:
+    settings = Settings.from_env({
+        "DICOMFLOW_HOME": str(tmp_path / "home"),
+        "DICOMFLOW_DEFAULT_TENANT": "fallback",
+        "DICOMFLOW_TENANT_BY_CALLING_AE": "MODALITY=hospital-a",
+    })
+    scp = start_scp(publisher, tenancy=TenantResolver.from_settings(settings))
+    study = make_study(tmp_path / "in", n_series=1, n_instances=1)
+
+    summary = await send(scp, study.paths, calling_aet="STRANGER")
+
+    assert summary.succeeded == 1, summary.failures
+    (series_uid, [sop]), = study.series.items()
+    assert expected_path(scp.config.storage_root, "fallback", study, series_uid, sop).is_file()
+    [(key, event)] = await collect_events(broker.bootstrap, {study.study_uid}, expected=1)
+    assert event["tenant_id"] == "fallback" and event["source_ae"] == "STRANGER"
+    assert key == series_key("fallback", study.study_uid, series_uid)
+
+
+async def test_called_ae_and_private_tag_tenancy(
+    tmp_path: Path, broker: EmbeddedBroker, publisher: EventPublisher, start_scp: ScpFactory,
+) -> None:
+    tenancy = TenantResolver(by_called_ae={"HOSP_B": "hospital-b"}, default_tenant="fallback",
+                             from_private_tag=True)
+    scp = start_scp(publisher, tenancy=tenancy)
+    by_called = make_study(tmp_path / "a", n_series=1, n_instances=1)
+    tagged = make_study(tmp_path / "b", n_series=1, n_instances=1)
+    for path in tagged.paths:
+        ds = pydicom.dcmread(path)
+        ds.add_new(0x12111217, "LO", "clinic-7")
+        ds.save_as(path)
+
+    assert (await send(scp, by_called.paths, calling_aet="ANY", called_aet="HOSP_B")).succeeded == 1
+    assert (await send(scp, tagged.paths, calling_aet="ANY")).succeeded == 1
+
+    events = await collect_events(broker.bootstrap, {by_called.study_uid, tagged.study_uid}, expected=2)
+    tenants = {e["study_uid"]: e["tenant_id"] for _, e in events}
+    assert tenants == {by_called.study_uid: "hospital-b", tagged.study_uid: "clinic-7"}
+
+
+def test_tenant_resolution_precedence() -> None:
+    r = TenantResolver(by_calling_ae={"CT1": "a"}, by_called_ae={"HOSP_B": "b"}, default_tenant="d",
+                       from_private_tag=True)
+    assert r.for_association("CT1", "HOSP_B") == AssociationTenant("a", mapped=True, source="calling_ae")
+    assert r.for_association("X", "HOSP_B ") == AssociationTenant("b", mapped=True, source="called_ae")
+    dflt = r.for_association("X", "Y")
+    assert dflt == AssociationTenant("d", mapped=False, source="default")
+    # The private tag replaces only the default; a mapped device keeps its tenant.
+    assert r.for_instance(dflt, "tagged") == "tagged"
+    assert r.for_instance(dflt, "../evil") == "d"
+    assert r.for_instance(AssociationTenant("a", True, "calling_ae"), "tagged") == "a"
+    assert TenantResolver(by_calling_ae={"CT1": "a"}).for_association("X", "Y") is None
+    with pytest.raises(ConfigError):
+        TenantResolver(default_tenant="no spaces allowed")
+    with pytest.raises(ConfigError):
+        TenantResolver(by_called_ae={"X": "../x"})
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+async def test_broker_down_returns_a700_and_leaves_no_file(
+    tmp_path: Path, start_scp: ScpFactory,
+) -> None:
+    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as dedicated:
+        pub = EventPublisher(dedicated.url, EMBEDDED_PROFILE, partitions=PARTITIONS, request_timeout_s=2.0)
+        await pub.start()
+        try:
+            scp = start_scp(pub, publish_timeout_s=4.0)
+            dedicated.stop()
+            study = make_study(tmp_path / "in", n_series=1, n_instances=1)
+
+            summary = await send(scp, study.paths)
+        finally:
+            await pub.stop()
+
+    assert summary.failed == 1
+    assert summary.statuses == {OUT_OF_RESOURCES: 1}
+    (series_uid, [sop]), = study.series.items()
+    assert not expected_path(scp.config.storage_root, "hospital-a", study, series_uid, sop).exists()
+    assert files_under(scp.config.storage_root) == []  # no temporary file left behind either
+
+
+class _FailingPublisher:
+    async def publish(self, event: dict[str, Any], key: str | None) -> None:
+        raise BrokerError("broker did not acknowledge the event: test")
+
+
+def _fake_store_event(data: bytes, sop_uid: str = "1.2.3") -> Any:
+    """Just enough of a pynetdicom Event for handle_store (in-memory mode)."""
+    rq = SimpleNamespace(calling_ae_title="MODALITY", called_ae_title=SCP_AET)
+    requestor = SimpleNamespace(primitive=rq, ae_title="MODALITY", address="10.0.0.1")
+    return SimpleNamespace(
+        assoc=SimpleNamespace(requestor=requestor),
+        context=SimpleNamespace(transfer_syntax=ExplicitVRLittleEndian),
+        request=SimpleNamespace(AffectedSOPInstanceUID=sop_uid),
+        encoded_dataset=lambda: data,
+    )
+
+
+async def _deps(root: Path, publisher: Any = None) -> StoreDeps:
+    return StoreDeps(store=InstanceStore(root), tenancy=TenantResolver(by_calling_ae={"MODALITY": "t"}),
+                     publisher=publisher or _FailingPublisher(),
+                     bridge=LoopBridge(asyncio.get_running_loop(), 5.0), worker_node_id="w")
+
+
+async def test_status_codes_for_bad_data_and_write_errors(tmp_path: Path) -> None:
+    good = CT_SMALL.read_bytes()
+    deps = await _deps(tmp_path / "root")
+
+    async def status(data: bytes, deps: StoreDeps = deps) -> int:
+        return await asyncio.to_thread(handle_store, _fake_store_event(data), deps)
+
+    assert await status(b"\x00" * 128 + b"DICM" + b"\xff" * 64) == CANNOT_UNDERSTAND
+    ds = pydicom.dcmread(CT_SMALL)
+    del ds.SeriesInstanceUID
+    buf = tmp_path / "no_series.dcm"
+    ds.save_as(buf)
+    assert await status(buf.read_bytes()) == DATASET_MISMATCH
+    # The storage root is a file: every write fails with an OSError.
+    (tmp_path / "blocked").write_bytes(b"")
+    assert await status(good, await _deps(tmp_path / "blocked")) == OUT_OF_RESOURCES
+    # Broker refuses: 0xA700, and the placed file is revoked.
+    assert await status(good) == OUT_OF_RESOURCES
+    assert files_under(tmp_path / "root") == []
+
+
+async def test_loop_bridge_times_out_and_refuses_its_own_loop() -> None:
+    class Hanging:
+        async def publish(self, event: dict[str, Any], key: str | None) -> None:
+            await asyncio.sleep(60)
+
+    bridge = LoopBridge(asyncio.get_running_loop(), 0.2)
+    with pytest.raises(BrokerError, match="within 0.2s"):
+        await asyncio.to_thread(bridge.publish, Hanging(), {}, None)
+    with pytest.raises(RuntimeError, match="own event loop"):
+        bridge.publish(Hanging(), {}, None)
+
+
+def test_header_reader_rejects_garbage() -> None:
+    with pytest.raises(ExtractionError) as info:
+        read_instance_header(b"not dicom at all")
+    assert info.value.code == Code.NOT_DICOM
+    header = read_instance_header(CT_SMALL.read_bytes())
+    assert header.study_uid and header.series_uid and header.sop_uid
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def test_path_components_cannot_escape_the_root(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    rel = store.relpath("t", "2024-01-01", "../../etc", "..", "/abs/../x")
+    assert rel.parts == ("t", UNKNOWN_STUDY_DATE, "_._.._etc", "_", "_abs_.._x.dcm")
+    assert all(p not in ("..", ".", "") for p in rel.parts)
+    assert safe_component(".hidden") == "_hidden"
+    assert store.relpath("t", "20241399", "1", "2", "3").parts[1] == UNKNOWN_STUDY_DATE
+    assert store.relpath("t", "20241231", "1", "2", "3").parts[1] == "20241231"
+    placement = store.write_bytes(rel, b"x")
+    assert placement.path.resolve().is_relative_to(tmp_path.resolve())
+
+
+def test_rollback_restores_an_earlier_version(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    rel = store.relpath("t", "20240101", "1.2", "1.3", "1.4")
+    store.write_bytes(rel, b"first").commit()
+    second = store.write_bytes(rel, b"second")
+    assert second.path.read_bytes() == b"second"
+    second.rollback()
+    # A retransmission that could not be announced must not delete the announced copy.
+    assert second.path.read_bytes() == b"first"
+    assert files_under(tmp_path) == [second.path]
+    third = store.write_bytes(store.relpath("t", "20240101", "1.2", "1.3", "1.5"), b"new")
+    third.rollback()
+    assert not third.path.exists()
+
+
+def test_adopt_file_copies_across_filesystems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    spool = tmp_path / "spool.dcm"
+    spool.write_bytes(b"payload")
+    real_replace = os.replace
+
+    def cross_device(src: Any, dst: Any) -> None:
+        if Path(src) == spool:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", cross_device)
+    store = InstanceStore(tmp_path / "root")
+    placement = store.adopt_file(store.relpath("t", None, "1", "2", "3"), spool)
+    assert placement.path.read_bytes() == b"payload" and placement.size == 7
+
+
+# ----------------------------------------------------------------------------- other clients
+
+
+def _dcmtk_storescu() -> str | None:
+    """dcmtk's storescu on PATH; pynetdicom installs a ``storescu`` of its own, which is not it."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = shutil.which("storescu", path=folder) if folder else None
+        if candidate is None:
+            continue
+        try:
+            proc = subprocess.run([candidate, "--version"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if "dcmtk" in (proc.stdout + proc.stderr).lower():
+            return candidate
+    return None
+
+
+async def test_third_party_scu(
+    tmp_path: Path, broker: EmbeddedBroker, publisher: EventPublisher, start_scp: ScpFactory,
+) -> None:
+    """dcmtk ``storescu`` interoperability.
+
+    When dcmtk is not installed this does NOT skip: it sends the same study with a
+    plain pynetdicom AE instead (not dicomflow's SCU), so a client other than ours
+    still exercises the SCP; the client used is printed (see it with ``-s``).
+    Note pynetdicom installs its own ``storescu`` script, so dcmtk is recognised by
+    its ``--version`` output, not by name.
+    """
+    study = make_study(tmp_path / "in", n_series=2, n_instances=2)
+    scp = start_scp(publisher)
+    host, port = scp.address
+    storescu = _dcmtk_storescu()
+    if storescu:
+        print(f"client=dcmtk storescu path={storescu}")
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [storescu, "-aet", "MODALITY", "-aec", SCP_AET, host, str(port), *map(str, study.paths)],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        assert proc.returncode == 0, proc.stderr
+    else:
+        print("client=pynetdicom AE (dcmtk storescu not installed)")
+
+        def plain_send() -> list[int]:
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            assoc = ae.associate(host, port, ae_title=SCP_AET)
+            assert assoc.is_established
+            try:
+                return [int(assoc.send_c_store(pydicom.dcmread(p)).Status) for p in study.paths]
+            finally:
+                assoc.release()
+
+        assert await asyncio.to_thread(plain_send) == [SUCCESS] * 4
+    assert len(files_under(scp.config.storage_root)) == 4
+    events = await collect_events(broker.bootstrap, {study.study_uid}, expected=4)
+    assert {e["sop_uid"] for _, e in events} == set(study.sop_uids)
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make a test certificate")
+async def test_tls_association(
+    tmp_path: Path, broker: EmbeddedBroker, publisher: EventPublisher, start_scp: ScpFactory,
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    scp = start_scp(publisher, tls_cert=cert, tls_key=key)
+    study = make_study(tmp_path / "in", n_series=1, n_instances=1)
+    client = ssl.create_default_context(cafile=str(cert))
+
+    summary = await send(scp, study.paths, ssl_context=client, server_hostname="localhost")
+    plain = await send(scp, study.paths)
+
+    assert summary.succeeded == 1, summary.failures
+    assert plain.failed == 1  # a cleartext client cannot talk to the TLS listener
+    [(_, event)] = await collect_events(broker.bootstrap, {study.study_uid}, expected=1)
+    assert event["sop_uid"] == study.sop_uids[0]
