@@ -261,6 +261,8 @@ if settings.doris_enabled:
     ]
     for _stage, _topic in zip(STAGES, (state, image, log), strict=True):
         _register(_stage, _topic)
+        app.metrics.register_counters(f"doris_{_stage.kind}", _stage.sink.counters)
+        app.metrics.register_counters(f"doris_{_stage.kind}_stage", _stage.counters)
 
     @app.timer(0.5)
     async def doris_tick() -> None:

@@ -53,6 +53,7 @@ async def ingest(stream: StreamT[Any]) -> None:
             for out in outcome.outputs:
                 await BY_NAME[out.topic].send(key=out.key, value=out.value)
             if outcome.error is not None:
+                app.metrics.dead_letters.labels("ingest", outcome.error.code).inc()
                 log.info("dead-lettered trace_id=%s code=%s field=%s offset=%s", outcome.trace_id,
                          outcome.error.code, outcome.error.field, event.message.offset)
             else:

@@ -39,5 +39,6 @@ if settings.postgres_dsn is not None:
             await sink_batch(postgres, events, _decode, stage="postgres")
 
     app.close_on_shutdown(postgres.stop)
+    app.metrics.register_counters("postgres", postgres.counters)
 else:
     log.warning("DICOMFLOW_POSTGRES_DSN is not set: the PostgreSQL sink is off")

@@ -43,6 +43,7 @@ _requested: dict[bytes, tuple[float, int]] = {}
 _dirty: dict[bytes, tuple[float, int, int]] = {}
 _seen_actives: frozenset[TP] = frozenset()
 counters = {"flushes": 0, "instances": 0, "redeliveries": 0, "replays_skipped": 0}
+app.metrics.register_counters("series_window", counters)
 
 
 async def _emit(key: bytes, agg: dict[str, Any]) -> None:

@@ -67,6 +67,7 @@ async def dead_letter_rejected(rejected: Sequence[Rejected[Any]], stage: str) ->
                              original=_json(r.item.raw),
                              source={"topic": r.item.topic, "partition": r.item.partition, "offset": r.item.offset})
         await sink_dlq.send(key=(r.item.key or "").encode() or None, value=letter)
+        app.metrics.dead_letters.labels(stage, r.error.code).inc()
         log.warning("sink refused row stage=%s code=%s field=%s offset=%s message=%s", stage, r.error.code,
                     r.error.field, r.item.offset, r.error.message)
 

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from streams.admin import bootstrap_of
 from streams.topology import DLQ, IMAGE, LOG, SERIES_INSTANCES, SINK_DLQ, STATE, STORAGE
 
-__all__ = ["collect_status", "CONSUMED_TOPICS", "CONSUMED_WITHOUT_DORIS"]
+__all__ = ["collect_status", "end_offsets", "committed_offsets", "CONSUMED_TOPICS", "CONSUMED_WITHOUT_DORIS"]
 
 #: Topics the app's consumer group reads (lag is meaningful for these); image and log
 #: are read only by the Doris sink.
@@ -26,7 +26,7 @@ CONSUMED_TOPICS = (STORAGE, SERIES_INSTANCES, STATE, IMAGE, LOG)
 CONSUMED_WITHOUT_DORIS = (STORAGE, SERIES_INSTANCES, STATE)
 
 
-async def _end_offsets(bootstrap: str, topics: list[str]) -> dict[TopicPartition, int]:
+async def end_offsets(bootstrap: str, topics: list[str]) -> dict[TopicPartition, int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
@@ -68,7 +68,7 @@ async def _dead_letter_codes(bootstrap: str, topic: str) -> dict[str, int]:
         await consumer.stop()
 
 
-async def _committed(bootstrap: str, group: str, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+async def committed_offsets(bootstrap: str, group: str, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
     """The group's committed offsets (OffsetFetch), without joining the group.
 
     aiokafka's admin ``list_consumer_group_offsets`` sends an OffsetFetch version that
@@ -90,8 +90,8 @@ async def _committed(bootstrap: str, group: str, tps: list[TopicPartition]) -> d
 
 async def collect_status(broker_url: str, group: str, consumed: tuple[str, ...] = CONSUMED_TOPICS) -> dict[str, Any]:
     bootstrap = bootstrap_of(broker_url)
-    ends = await _end_offsets(bootstrap, [*CONSUMED_TOPICS, DLQ, SINK_DLQ])
-    committed = await _committed(bootstrap, group, [tp for tp in ends if tp.topic in consumed])
+    ends = await end_offsets(bootstrap, [*CONSUMED_TOPICS, DLQ, SINK_DLQ])
+    committed = await committed_offsets(bootstrap, group, [tp for tp in ends if tp.topic in consumed])
     topics: dict[str, list[dict[str, Any]]] = {}
     total_lag = 0
     for tp in sorted(ends, key=lambda t: (t.topic, t.partition)):

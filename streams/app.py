@@ -17,6 +17,7 @@ import faust
 from dicomflow.embedded.broker import EmbeddedBroker
 from dicomflow.embedded.ports import wait_for_port
 from streams.admin import bootstrap_of, ensure_topics
+from streams.metrics import Metrics, setup_metrics
 from streams.settings import Settings
 from streams.topology import ALL_TOPICS, EMBEDDED_PROFILE, PRODUCTION_PROFILE, BrokerProfile
 
@@ -31,6 +32,7 @@ class DicomflowApp(faust.App):
     dicomflow: Settings
     profile: BrokerProfile
     closers: list[Callable[[], Awaitable[None]]]
+    metrics: Metrics
     _embedded_broker: EmbeddedBroker | None = None
 
     def close_on_shutdown(self, stop: Callable[[], Awaitable[None]]) -> None:
@@ -85,6 +87,7 @@ def create_app(settings: Settings) -> DicomflowApp:
     app.dicomflow = settings
     app.closers = []
     app.profile = profile
+    app.metrics = setup_metrics(app)
     return app
 
 

@@ -55,7 +55,7 @@ class EmbeddedBroker:
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "RUST_LOG": os.environ.get("TANSU_LOG", "warn")},
         )
-        if out is not subprocess.DEVNULL:
+        if not isinstance(out, int):
             out.close()  # the child has its own descriptor
         if not wait_for_port("127.0.0.1", self.port, timeout):
             self.stop()
