@@ -34,7 +34,7 @@ from dicomflow.errors import Code, ExtractionError, FileAccessError
 from schemas.dicomvalues import accession_fallback, parse_da, parse_tm, uid_hash
 from schemas.records import DicomImageMeta, DicomObjectMeta, DicomStateMeta
 
-__all__ = ["Extracted", "extract", "read_header", "DEFAULT_TRANSFER_SYNTAX", "TENANT_PRIVATE_TAG"]
+__all__ = ["Extracted", "extract", "read_header", "looks_truncated", "DEFAULT_TRANSFER_SYNTAX", "TENANT_PRIVATE_TAG"]
 
 DEFAULT_TRANSFER_SYNTAX = "1.2.840.10008.1.2"
 #: The seeds' private tag carrying a tenant id (used by the SCP when configured).
@@ -96,6 +96,48 @@ def read_header(path: str | os.PathLike[str]) -> Dataset:
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise ExtractionError(f"cannot parse DICOM header: {type(exc).__name__}: {exc}",
                               code=Code.NOT_DICOM, field="file_path") from None
+
+
+_PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00",
+               b"\x7f\xe0\x00\x10", b"\x7f\xe0\x00\x08", b"\x7f\xe0\x00\x09")
+
+
+def looks_truncated(path: str | os.PathLike[str]) -> bool:
+    """Whether the header ends mid-element (pydicom reads such files silently).
+
+    The top-level element read last must end exactly at end of file, or right before
+    the pixel data (where reading stops). Only used to explain a missing required
+    tag: a cut-off file is a transfer problem, not a bad header.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=16, force=True)
+        size = os.path.getsize(path)
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and str(meta.get("TransferSyntaxUID", "")) == "1.2.840.10008.1.2.1.99":
+            return False  # deflated: offsets do not map onto the file
+        last = None
+        for tag in ds.keys():
+            last = ds.get_item(tag)
+        if last is None:
+            # A file meta header (or just the DICM preamble) with no dataset after it.
+            with open(path, "rb") as fh:
+                fh.seek(128)
+                return fh.read(4) == b"DICM"
+        tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+        if tell is None or length is None or length == 0xFFFFFFFF:
+            return False
+        end = int(tell) + int(length)
+        if end > size:
+            return True
+        if end == size:
+            return False
+        with open(path, "rb") as fh:
+            fh.seek(end)
+            return fh.read(4) not in _PIXEL_TAGS
+    except Exception:
+        return False
 
 
 def _raw(ds: Dataset, keyword: str) -> Any:
@@ -229,6 +271,9 @@ def extract(
         return _build(ds, tenant_id, trace_id, worker_node_id, file_path, file_size,
                       now or datetime.now())
     except (ExtractionError, FileAccessError) as exc:
+        if exc.code == Code.MISSING_REQUIRED_FIELD and not isinstance(source, Dataset) and looks_truncated(source):
+            return ExtractionError(f"the file is truncated: its header ends mid-element ({exc.message})",
+                                   code=Code.FILE_TRUNCATED, field="file_path")
         return exc
 
 

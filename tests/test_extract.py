@@ -329,3 +329,12 @@ def test_uids_are_distinct_per_clone() -> None:
     b = extract(_ds(SeriesInstanceUID=generate_uid()), "t1")
     assert isinstance(a, Extracted) and isinstance(b, Extracted)
     assert a.state.series_uid_hash != b.state.series_uid_hash
+
+
+@pytest.mark.parametrize("cut", [132, 200, 800, 1200, 2000])
+def test_truncated_header_is_named(tmp_path: Path, ct_small: Path, cut: int) -> None:
+    path = tmp_path / "cut.dcm"
+    path.write_bytes(ct_small.read_bytes()[:cut])
+    result = extract(path, "t1")
+    assert isinstance(result, ExtractionError)
+    assert (result.code, result.field) == (Code.FILE_TRUNCATED, "file_path")
