@@ -11,12 +11,13 @@ Exactly once rests on three rules, one per way a row could be loaded twice:
 2. **Commit after load.** Events are acked by hand only after their batch is in Doris
    (``Success``, ``Publish Timeout``, or ``FINISHED``), so the committed offset never
    passes unloaded rows; a crash replays them under rule 1.
-3. **One row per trace id.** The ingest stage is at-least-once: after a crash it may put
-   a second copy of a transfer-log row on ``log_queue`` (same key, so same partition,
-   later offset). The ``dicom_object_meta`` sink skips a row whose trace id it has seen
-   within the last DICOMFLOW_DORIS_DEDUP_WINDOW records of the partition; after a
-   restart that window is re-read from the topic. The UNIQUE KEY tables need no such
-   rule: a repeated row replaces itself.
+3. **One row per transfer outcome.** The ingest stage is at-least-once: after a crash it
+   may put a second copy of a transfer-log row on ``log_queue`` (same key, so same
+   partition, later offset). The ``dicom_object_meta`` sink skips a row whose
+   (trace id, transfer status) it has seen within the last DICOMFLOW_DORIS_DEDUP_WINDOW
+   records of the partition; after a restart that window is re-read from the topic. A
+   replayed dead letter that now succeeds keeps its trace id and adds its SUCCESS row.
+   The UNIQUE KEY tables need no such rule: a repeated row replaces itself.
 
 The seeds' consumer committed offsets before writing; this is the fix.
 """
@@ -122,8 +123,8 @@ class DorisStage:
             await dead_letter_rejected([Rejected(bad, SinkDataError(f"undecodable row: {exc}"))], f"doris:{self.kind}")
             row = None
         if row is not None and self.dedup_trace:
-            trace = row.get("trace_id")
-            if isinstance(trace, str):
+            trace = _dedup_key(row)
+            if trace is not None:
                 if trace in part.seen:
                     self.counters["duplicates_skipped"] += 1
                     row = None
@@ -228,16 +229,30 @@ async def _read_intents(key: bytes, partition: int) -> list[tuple[int, int]]:
     return latest
 
 
+def _dedup_key(row: dict[str, Any]) -> str | None:
+    """Identity of a transfer-log row: the transfer and its outcome.
+
+    A replayed copy of the same outcome is a duplicate; a later attempt of the same
+    transfer with another outcome (a dead letter replayed after its file was restored)
+    is a new fact and is kept.
+    """
+    trace = row.get("trace_id")
+    if not isinstance(trace, str):
+        return None
+    return f"{trace}|{row.get('transfer_status')}"
+
+
 async def _read_trace_ids(topic: str, partition: int, start: int, end: int) -> list[str]:
-    traces: list[str] = []
+    keys: list[str] = []
     for record in await _read_partition(topic, partition, start, end):
         try:
-            trace = orjson.loads(record.value or b"null").get("trace_id")
-        except (orjson.JSONDecodeError, AttributeError):
+            row = orjson.loads(record.value or b"null")
+        except orjson.JSONDecodeError:
             continue
-        if isinstance(trace, str):
-            traces.append(trace)
-    return traces
+        key = _dedup_key(row) if isinstance(row, dict) else None
+        if key is not None:
+            keys.append(key)
+    return keys
 
 
 def _register(stage: DorisStage, topic: Any) -> None:

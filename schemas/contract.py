@@ -57,6 +57,13 @@ def validate_event(data: Any) -> StorageEvent:
         elif exc.rule == "additionalProperties" and field:
             reason = f"{field} is not a field of storage event v{SCHEMA_VERSION}"
         raise ContractError(reason, code=Code.INVALID_EVENT, field=field) from None
+    for name, spec in schema()["properties"].items():
+        value = data.get(name)
+        limit = spec.get("maxLength")
+        if isinstance(value, str) and limit is not None and len(value.encode("utf-8")) > limit:
+            # JSON Schema counts characters; PostgreSQL/Doris VARCHAR bounds here count bytes.
+            raise ContractError(f"{name} is {len(value.encode('utf-8'))} bytes in UTF-8, over its bound of {limit}",
+                                code=Code.INVALID_EVENT, field=name)
     created = data.get("created_time")
     if created:
         try:

@@ -125,3 +125,34 @@ async def test_each_fault_nothing_lost_nothing_duplicated(fresh_broker: Embedded
     objects = doris_emulator.rows("dicom_object_meta")
     assert len(objects) == len({r["trace_id"] for r in objects}) == len(files)
     assert len(doris_emulator.rows("dicom_image_meta")) == len(files)
+
+
+async def test_replayed_dead_letter_adds_its_success_row(fresh_broker: EmbeddedBroker, tmp_path: Path,
+                                                         doris_emulator: DorisEmulator, ct_small: Path) -> None:
+    """A file that was missing, then restored and replayed, ends with both outcomes logged once each."""
+    from feeders.publisher import EventPublisher
+    from streams.topology import EMBEDDED_PROFILE
+
+    home = tmp_path / "home"
+    (home / "storage").mkdir(parents=True)
+    env = _env(fresh_broker, home, doris_emulator)
+    worker = WorkerProcess(env, home / "worker.log").start()
+    publisher = EventPublisher(fresh_broker.url, EMBEDDED_PROFILE, partitions=4)
+    await publisher.start()
+    try:
+        await publisher.publish({"tenant_id": "t-replay", "file_path": "late/ct.dcm", "trace_id": "trace-replay-1"},
+                                None)
+        await _until(lambda: len(doris_emulator.rows("dicom_object_meta")) == 1, 90, lambda: worker.log_tail(20))
+        assert doris_emulator.rows("dicom_object_meta")[0]["transfer_status"] == "FILE_MISSING"
+        (home / "storage" / "late").mkdir()
+        shutil.copy(ct_small, home / "storage" / "late" / "ct.dcm")
+        proc = subprocess.run([sys.executable, "-m", "dicomflow.cli", "replay-dlq", "--code", "FILE_MISSING"],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "replayed=1" in proc.stdout, proc.stdout + proc.stderr
+        await _until(lambda: len(doris_emulator.rows("dicom_image_meta")) == 1
+                     and len(doris_emulator.rows("dicom_object_meta")) == 2, 90, lambda: worker.log_tail(20))
+    finally:
+        await publisher.stop()
+        worker.stop()
+    statuses = sorted((r["trace_id"], r["transfer_status"]) for r in doris_emulator.rows("dicom_object_meta"))
+    assert statuses == [("trace-replay-1", "FILE_MISSING"), ("trace-replay-1", "SUCCESS")]

@@ -353,7 +353,7 @@ def test_ddl_parses_the_schema() -> None:
     assert specs[OBJECT].key_model == "DUPLICATE" and specs[OBJECT].key_columns == ("created_time", "tenant_id")
     assert specs[STATE].key_columns == ("tenant_id", "study_uid", "series_uid")
     assert specs[STATE].sequence_column == "updated_time"
-    assert specs[IMAGE].key_model == "UNIQUE" and specs[IMAGE].sequence_column is None
+    assert specs[IMAGE].key_model == "UNIQUE" and specs[IMAGE].sequence_column == "updated_time"
     assert specs[IMAGE].column("columns") == ddl.ColumnSpec("columns", "INT", None, True)
     assert specs[OBJECT].column("trace_id") == ddl.ColumnSpec("trace_id", "VARCHAR", 36, False)
     # The repo's records and the DDL agree on every column name.

@@ -58,7 +58,8 @@ def test_tm_rejects(bad: str) -> None:
 # ---- storage-event contract ----------------------------------------------------------------
 
 _tenant = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=36)
+_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=36).filter(
+    lambda t: len(t.encode("utf-8")) <= 36)
 _valid = st.fixed_dictionaries(
     {"tenant_id": _tenant, "file_path": _text, "trace_id": _text},
     optional={"file_size": st.integers(0, 2**40), "source_ae": st.text(max_size=16) | st.none(),
@@ -104,3 +105,10 @@ def test_non_json_is_invalid_json(raw: bytes) -> None:
         with pytest.raises(ContractError) as info:
             parse_event(raw)
         assert info.value.code == Code.INVALID_JSON
+
+
+def test_bounds_are_bytes_not_characters() -> None:
+    event = {"tenant_id": "t", "file_path": "a", "trace_id": "x", "source_ae": "\u00e9" * 40}
+    with pytest.raises(ContractError) as info:
+        validate_event(event)
+    assert info.value.field == "source_ae" and "bytes" in info.value.message

@@ -22,10 +22,14 @@
 --      scans, and has bloom filters on the UID and trace columns plus inverted indexes
 --      on transfer_status and source_ae. dicom_image_meta has bloom filters on its UIDs.
 --   7. `DROP TABLE` statements removed: applying the schema must not delete data.
+--   8. created_time/updated_time are DATETIME(6): the pipeline's timestamps carry
+--      microseconds, and the seeds' DATETIME (scale 0) dropped them.
+--   9. dicom_image_meta also uses updated_time as its sequence column (NOT NULL), so an
+--      out-of-order replay of an instance never rolls its row back.
 
 CREATE TABLE IF NOT EXISTS dicom_object_meta
 (
-    created_time        DATETIME      NOT NULL COMMENT 'When the transfer was received/logged',
+    created_time        DATETIME(6)   NOT NULL COMMENT 'When the transfer was received/logged',
     tenant_id           VARCHAR(64)   NOT NULL COMMENT 'Tenant ID',
     patient_id          VARCHAR(64)   NOT NULL COMMENT 'Patient ID (empty when the file could not be read)',
     study_uid           VARCHAR(64)   NULL,
@@ -88,8 +92,8 @@ CREATE TABLE IF NOT EXISTS dicom_state_meta
     body_part_examined       VARCHAR(64)  NULL,
     protocol_name            VARCHAR(64)  NULL,
     series_related_instances INT          NULL,
-    created_time             DATETIME     NULL,
-    updated_time             DATETIME     NOT NULL
+    created_time             DATETIME(6)  NULL,
+    updated_time             DATETIME(6)  NOT NULL
 )
 ENGINE=OLAP
 UNIQUE KEY(tenant_id, study_uid, series_uid)
@@ -139,8 +143,8 @@ CREATE TABLE IF NOT EXISTS dicom_image_meta
     sop_class_uid              VARCHAR(64)  NOT NULL COMMENT "SOP class UID",
     image_status               VARCHAR(32)  NULL COMMENT "Image status",
     space_size                 BIGINT       NULL COMMENT "Occupied space size",
-    created_time               DATETIME     NULL COMMENT "Creation time",
-    updated_time               DATETIME     NULL COMMENT "Update time"
+    created_time               DATETIME(6)  NULL COMMENT "Creation time",
+    updated_time               DATETIME(6)  NOT NULL COMMENT "Update time (sequence column)"
 )
 ENGINE=OLAP
 UNIQUE KEY(tenant_id, study_uid, series_uid, sop_uid)
@@ -148,5 +152,6 @@ DISTRIBUTED BY HASH(tenant_id) BUCKETS AUTO
 PROPERTIES (
     "replication_num" = "1",
     "enable_unique_key_merge_on_write" = "true",
+    "function_column.sequence_col" = "updated_time",
     "bloom_filter_columns" = "sop_uid,patient_id,series_uid_hash"
 );

@@ -31,6 +31,7 @@ def _port(env: dict[str, str], bump: int) -> dict[str, str]:
     return dict(env, DICOMFLOW_WEB_PORT=str(int(env["DICOMFLOW_WEB_PORT"]) + bump))
 
 
+@pytest.mark.timeout(900)
 async def test_three_sigkills_during_5k_backfill(fresh_broker: EmbeddedBroker, tmp_path: Path, ct_small: Path,
                                                  pg_dsn: str, doris_emulator: DorisEmulator) -> None:
     home = tmp_path / "home"
