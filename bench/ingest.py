@@ -1,0 +1,296 @@
+"""Ingest throughput: events/s from storage_queue to the three outputs, against the raw header parse.
+
+Same files, same run:
+
+1. baselines, one process: ``pydicom.dcmread(stop_before_pixels=True)`` (the ratio's
+   denominator), ``schemas.extract.extract`` and ``schemas.fanout.process``;
+2. ``storage_queue`` preloaded with one event per file (``dicomflow backfill``), then ONE
+   worker started on a fresh embedded Tansu broker (no PostgreSQL). Timed from the
+   worker's first output on ``dicom_image_queue`` until all N image messages are there;
+   ``log_queue`` and the series-instances topic must then hold N each, the DLQ none;
+3. with ``--profile``, a second identical run under py-spy (attached for exactly the timed
+   interval) or cProfile, reduced to the top functions by cumulative time and self time
+   by library. The profiled run's rate is never the reported figure.
+
+    python -m bench.ingest [--instances 2000] [--series 20] [--profile] [--profiler auto|py-spy|cprofile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import parse_rates
+from bench.common import Figure, figures_table, poll_until, table, write_result
+from bench.dataset import BenchDataset, build
+from bench.kafka import OffsetProbe
+from bench.parse_rates import Rate
+from bench.pipeline import CpuMeter, Run, backfill, pipeline_run
+from bench.profiling import CProfiledWorker, Profile, PySpy, find_py_spy, summarize_pstats, summarize_py_spy
+from streams.topology import DLQ, IMAGE, LOG, SERIES_INSTANCES, STORAGE
+from tests.harness import WorkerProcess, read_all
+
+__all__ = ["IngestResult", "run_ingest", "main"]
+
+TENANT = "bench-ingest"
+TARGET_RATIO = 0.7
+POLL_S = 0.05
+
+
+@dataclass
+class PipelineRun:
+    events: int
+    backfill_s: float
+    startup_s: float
+    wall_s: float
+    rate: float
+    timestamp_span_s: float | None
+    timestamp_rate: float | None
+    cpu_s: dict[str, float]
+    cores: dict[str, float]
+    counts: dict[str, int]
+
+    @property
+    def worker_cpu_ms_per_event(self) -> float | None:
+        cpu = self.cpu_s.get("worker")
+        return 1000 * cpu / self.events if cpu is not None else None
+
+
+@dataclass
+class IngestResult:
+    dataset: dict[str, Any]
+    baselines: dict[str, Rate]
+    pipeline: PipelineRun
+    profile: Profile | None = None
+    profiled_run: PipelineRun | None = None
+    figures: list[Figure] = field(default_factory=list)
+    path: Path | None = None
+
+
+def _timestamps(messages: list[Any]) -> tuple[float, float] | None:
+    stamps = [m.timestamp_ms for m in messages if m.timestamp_ms > 0]
+    return (min(stamps) / 1000, max(stamps) / 1000) if stamps else None
+
+
+async def _verify(run: Run, n: int) -> tuple[dict[str, int], float | None]:
+    """Exact output counts (flush requests on the series topic are not instances) and the output time span."""
+    images = await read_all(run.broker.url, IMAGE)
+    logs = await read_all(run.broker.url, LOG)
+    series = [m for m in await read_all(run.broker.url, SERIES_INSTANCES) if "flush" not in (m.json() or {})]
+    dlq = await read_all(run.broker.url, DLQ)
+    counts = {IMAGE: len(images), LOG: len(logs), SERIES_INSTANCES: len(series), DLQ: len(dlq)}
+    want = {IMAGE: n, LOG: n, SERIES_INSTANCES: n, DLQ: 0}
+    if counts != want:
+        raise AssertionError(f"outputs do not match the input: want {want}, got {counts}")
+    spans = [s for s in (_timestamps(images), _timestamps(logs), _timestamps(series)) if s]
+    span = max(s[1] for s in spans) - min(s[0] for s in spans) if spans else None
+    return counts, span
+
+
+async def _measure(run: Run, n: int, *, profiler: str | None) -> tuple[PipelineRun, Profile | None]:
+    published, backfill_s = await asyncio.to_thread(backfill, run, run.storage_root, TENANT)
+    if published != n:
+        raise RuntimeError(f"backfill published {published} events, expected {n}")
+    prof_out = run.home / ("worker.prof" if profiler == "cprofile" else "py-spy.txt")
+    worker: WorkerProcess = (CProfiledWorker(run.env(), run.home / "worker.log", prof_out)
+                             if profiler == "cprofile" else run.worker())
+    spy: PySpy | None = None
+    timeout = 120 + n / 50
+    async with OffsetProbe(run.broker.url) as probe:
+        preloaded = await probe.count(STORAGE)
+        if preloaded != n:
+            raise RuntimeError(f"storage_queue holds {preloaded} events, expected {n}")
+        started = time.monotonic()
+        worker.start()
+        assert worker.proc is not None
+        try:
+            _, t_first = await poll_until(lambda: probe.count(IMAGE), lambda c: c > 0, timeout=120,
+                                          interval=POLL_S, what="first output")
+            cpu = CpuMeter({"worker": worker.proc.pid, "broker": run.broker_pid})
+            cpu.start()
+            if profiler == "py-spy":
+                exe = find_py_spy()
+                assert exe is not None
+                spy = PySpy(exe, worker.proc.pid, prof_out)
+                spy.start()
+            _, t_done = await poll_until(lambda: probe.count(IMAGE), lambda c: c >= n, timeout=timeout,
+                                         interval=POLL_S, what=f"{n} messages on {IMAGE}")
+            cpu.stop()
+            if spy is not None:
+                await asyncio.to_thread(spy.stop)
+            await poll_until(lambda: probe.counts(LOG, SERIES_INSTANCES),
+                             lambda c: c[LOG] >= n and c[SERIES_INSTANCES] >= n, timeout=60, interval=0.2,
+                             what="log and series-instance outputs")
+            counts, span = await _verify(run, n)
+        except BaseException:
+            print(f"--- worker log tail ({run.home / 'worker.log'}):\n{worker.log_tail(40)}")
+            raise
+        finally:
+            if spy is not None and spy.proc is not None and spy.proc.poll() is None:
+                spy.proc.kill()
+            await asyncio.to_thread(worker.stop)
+    wall = t_done - t_first
+    result = PipelineRun(n, backfill_s, t_first - started, wall, n / wall, span, n / span if span else None,
+                         cpu.used, cpu.cores(), counts)
+    profile = None
+    if profiler == "py-spy":
+        profile = summarize_py_spy(prof_out)
+    elif profiler == "cprofile":
+        if not prof_out.exists():
+            raise RuntimeError(f"cProfile wrote no {prof_out}; worker log:\n{worker.log_tail(20)}")
+        profile = summarize_pstats(prof_out)
+    return result, profile
+
+
+def _choose_profiler(choice: str) -> str:
+    if choice == "auto":
+        return "py-spy" if find_py_spy() else "cprofile"
+    if choice == "py-spy" and not find_py_spy():
+        raise SystemExit("py-spy not found (PATH, $BENCH_PY_SPY or next to python); use --profiler cprofile")
+    return choice
+
+
+def run_ingest(*, instances: int, series: int, profile: bool = False, profiler: str = "auto",
+               workdir: Path | None = None) -> IngestResult:
+    own = workdir is None
+    work = workdir or Path(tempfile.mkdtemp(prefix="dicomflow-bench-ingest-"))
+    try:
+        storage = work / "storage"
+        print(f"ingest: building {instances} instances in {series} series ...", flush=True)
+        ds = build(storage / "ingest", instances=instances, series=series)
+        print(f"ingest: baselines over {ds.instances} files ...", flush=True)
+        baselines = parse_rates.measure(ds.files, tenant=TENANT, storage_root=storage)
+        print("ingest: pipeline run (one worker) ...", flush=True)
+        with pipeline_run(work, storage, "run-timed") as run:
+            timed, _ = asyncio.run(_measure(run, ds.instances, profiler=None))
+        result = IngestResult(_dataset_info(ds), baselines, timed)
+        if profile:
+            tool = _choose_profiler(profiler)
+            print(f"ingest: profiled run ({tool}) ...", flush=True)
+            with pipeline_run(work, storage, "run-profiled") as run:
+                result.profiled_run, result.profile = asyncio.run(_measure(run, ds.instances, profiler=tool))
+            if result.profile is not None:
+                kept = work / "run-profiled" / Path(result.profile.raw_path).name
+                result.profile.raw_path = str(_keep_profile(kept))
+        result.figures = _figures(result)
+        result.path = write_result("ingest", _payload(result, instances, series))
+        return result
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _keep_profile(path: Path) -> Path:
+    """Copy the raw profile next to the JSON results (the work dir is removed)."""
+    from bench.common import OUT_DIR
+
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    dest = OUT_DIR / f"ingest-profile{path.suffix}"
+    shutil.copy(path, dest)
+    return dest
+
+
+def _dataset_info(ds: BenchDataset) -> dict[str, Any]:
+    return {"instances": ds.instances, "series": ds.series, "bytes": ds.bytes, "build_s": ds.seconds}
+
+
+def _figures(r: IngestResult) -> list[Figure]:
+    p, raw = r.pipeline, r.baselines["raw"].per_s
+    figures = [
+        Figure("ingest events/s (1 worker)", p.rate, "ev/s", raw, "raw dcmread files/s",
+               f">= {TARGET_RATIO} x", p.rate / raw >= TARGET_RATIO),
+        Figure("ingest vs extract()", p.rate, "ev/s", r.baselines["extract"].per_s, "extract files/s"),
+        Figure("ingest vs fanout.process()", p.rate, "ev/s", r.baselines["process"].per_s, "process files/s"),
+    ]
+    if p.timestamp_rate:
+        figures.append(Figure("ingest events/s (broker timestamps)", p.timestamp_rate, "ev/s", raw,
+                              "raw dcmread files/s"))
+    cpu = p.worker_cpu_ms_per_event
+    if cpu:
+        # CPU-normalised: robust to other load on a shared machine (higher is better, like a rate).
+        figures.append(Figure("ingest events per worker-CPU-s", 1000 / cpu, "ev/cpu-s",
+                              1000 / r.baselines["raw"].cpu_ms, "raw dcmread files/cpu-s", f">= {TARGET_RATIO} x",
+                              r.baselines["raw"].cpu_ms / cpu >= TARGET_RATIO))
+    return figures
+
+
+def _payload(r: IngestResult, instances: int, series: int) -> dict[str, Any]:
+    def run_dict(p: PipelineRun | None) -> dict[str, Any] | None:
+        if p is None:
+            return None
+        return {**p.__dict__, "worker_cpu_ms_per_event": p.worker_cpu_ms_per_event}
+
+    return {
+        "params": {"instances": instances, "series": series, "workers": 1, "partitions": 4,
+                   "broker": "embedded tansu", "target_ratio": TARGET_RATIO},
+        "dataset": r.dataset,
+        "baselines": {name: rate.__dict__ for name, rate in r.baselines.items()},
+        "pipeline": run_dict(r.pipeline),
+        "profiled_run": run_dict(r.profiled_run),
+        "profile": r.profile.as_dict() if r.profile else None,
+        "figures": [f.as_dict() for f in r.figures],
+    }
+
+
+def report(r: IngestResult) -> str:
+    p = r.pipeline
+    per_event = {name: 1000 / rate.per_s for name, rate in r.baselines.items()}
+    lines = [
+        f"ingest: {p.events} events, {r.dataset['series']} series, 1 worker, 4 partitions",
+        table(["baseline (1 process)", "files/s", "ms/file", "CPU ms/file"],
+              [[name, rate.per_s, per_event[name], rate.cpu_ms] for name, rate in r.baselines.items()]),
+        "",
+        table(["pipeline", "value"], [
+            ["preload (backfill) s", p.backfill_s], ["worker start -> first output s", p.startup_s],
+            ["first output -> all N images s", p.wall_s], ["events/s (wall, polled)", p.rate],
+            ["events/s (broker timestamps)", p.timestamp_rate], ["worker ms/event (wall)", 1000 / p.rate],
+            ["worker CPU ms/event", p.worker_cpu_ms_per_event], ["worker cores busy", p.cores.get("worker")],
+            ["broker cores busy", p.cores.get("broker")],
+            ["overhead over process() ms/event", 1000 / p.rate - per_event["process"]],
+        ]),
+        "",
+        figures_table(r.figures),
+    ]
+    if r.profile is not None:
+        lines += ["", profile_report(r.profile, r.profiled_run)]
+    if r.path:
+        lines.append(f"\nresults: {r.path}")
+    return "\n".join(lines)
+
+
+def profile_report(profile: Profile, run: PipelineRun | None) -> str:
+    rate = f", profiled run {run.rate:,.0f} ev/s" if run else ""
+    head = f"profile ({profile.tool}, {profile.samples:,.0f} {'samples' if profile.tool == 'py-spy' else 's'}{rate})"
+    return "\n".join([
+        head, f"  {profile.notes}",
+        table(["self time by library", "share"], [[lib, share] for lib, share in profile.by_library[:15]]),
+        "",
+        *([table(["by stage of the worker", "share"], [[t, share] for t, share in profile.by_stage]), ""]
+          if profile.by_stage else []),
+        "",
+        table(["top functions by cumulative time", "share"], [[f, s] for f, s in profile.cumulative]),
+        f"raw profile: {profile.raw_path}",
+    ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instances", type=int, default=2000)
+    parser.add_argument("--series", type=int, default=20)
+    parser.add_argument("--profile", action="store_true", help="add a profiled run and print where the time goes")
+    parser.add_argument("--profiler", choices=["auto", "py-spy", "cprofile"], default="auto")
+    parser.add_argument("--workdir", type=Path, help="keep data here (default: a temp dir, removed)")
+    args = parser.parse_args(argv)
+    r = run_ingest(instances=args.instances, series=args.series, profile=args.profile, profiler=args.profiler,
+                   workdir=args.workdir)
+    print(report(r))
+
+
+if __name__ == "__main__":
+    main()
