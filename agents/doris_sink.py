@@ -63,6 +63,7 @@ class _Partition:
     nbytes: int = 0
     started: float = 0.0
     forced_end: int | None = None
+    expect: int | None = None
     seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
 
@@ -76,17 +77,37 @@ class DorisStage:
         self.sink = DorisTableSink.from_settings(settings, kind, client)
         self.dedup_trace = dedup_trace
         self.parts: dict[int, _Partition] = {}
+        self.parked: dict[int, _Partition] = {}
         self.lock = asyncio.Lock()
         self.stream: StreamT[Any] | None = None
         self.counters = {"duplicates_skipped": 0, "replayed_batches": 0}
 
     # -- partition lifecycle ---------------------------------------------------------
+    #
+    # Buffered events are never dropped on revocation: Faust does not deliver them again
+    # when the partition comes straight back to this worker (it keeps its fetch
+    # position), and faust 0.15.3 then commits past a single unacked offset (the
+    # ``min(acked) - committed > 1`` off-by-one, faust-streaming#606), losing it. So a
+    # revoked partition's buffer is parked after any in-flight load has finished, and
+    # restored if the partition is assigned back; only a partition that went to another
+    # worker is forgotten, and that worker replays it from the committed offset under the
+    # ranges recorded in the intents topic.
 
-    def revoke(self, tps: Iterable[TP]) -> None:
-        for tp in tps:
-            if tp.topic == self.topic_name and tp.partition in self.parts:
-                # Unacked events stay uncommitted; the new owner replays them.
-                del self.parts[tp.partition]
+    async def revoke(self, tps: Iterable[TP]) -> None:
+        async with self.lock:  # no load may be in flight while the partition changes hands
+            for tp in tps:
+                if tp.topic == self.topic_name and tp.partition in self.parts:
+                    self.parked[tp.partition] = self.parts.pop(tp.partition)
+
+    def assign(self, tps: Iterable[TP]) -> None:
+        mine = {tp.partition for tp in tps if tp.topic == self.topic_name}
+        for partition in list(self.parked):
+            part = self.parked.pop(partition)
+            if partition in mine:
+                self.parts[partition] = part
+            else:
+                logger.info("doris sink partition moved table=%s partition=%s unloaded=%s..%s", self.sink.table,
+                            partition, part.first, part.last)
 
     async def _open(self, partition: int, first_offset: int) -> _Partition:
         part = _Partition()
@@ -107,7 +128,21 @@ class DorisStage:
 
     async def on_event(self, event: EventT) -> None:
         msg = event.message
-        part = self.parts.get(msg.partition) or await self._open(msg.partition, msg.offset)
+        # A partition between revocation and re-assignment still owns its parked buffer.
+        part = (self.parts.get(msg.partition) or self.parked.get(msg.partition)
+                or await self._open(msg.partition, msg.offset))
+        if part.expect is not None and msg.offset < part.expect:
+            # Delivered again (Faust re-seeked after a rebalance): already buffered or
+            # loaded; ack it with the current batch, load nothing twice.
+            part.events.append(event)
+            if part.first is None:
+                await self._ack(event)
+                part.events.clear()
+            return
+        if part.expect is not None and msg.offset != part.expect:
+            logger.warning("doris sink gap in offsets table=%s partition=%s expected=%s got=%s",
+                           self.sink.table, msg.partition, part.expect, msg.offset)
+        part.expect = msg.offset + 1
         if part.first is None:
             self._start_batch(part, msg.offset)
         part.events.append(event)
@@ -179,8 +214,6 @@ class DorisStage:
             self.sink.add_batch(SinkBatch(self.topic_name, partition, items, source_range=(first, last)))
             await flush_with_retry(self.sink, on_rejected=lambda r: dead_letter_rejected(r, f"doris:{self.kind}"),
                                    should_stop=lambda: bool(app.should_stop))
-            if self.parts.get(partition) is not part:
-                return  # revoked while loading: the new owner replays (same label)
             for event in events:
                 await self._ack(event)
             part.events, part.items, part.nbytes = [], [], 0
@@ -287,9 +320,15 @@ if settings.doris_enabled:
     async def _doris_revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
         revoked: set[TP] = kwargs.get("revoked") or (args[0] if args else set())
         for stage in STAGES:
-            stage.revoke(revoked)
+            await stage.revoke(revoked)
+
+    async def _doris_assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
+        assigned: set[TP] = kwargs.get("assigned") or (args[0] if args else set())
+        for stage in STAGES:
+            stage.assign(assigned)
 
     app.on_partitions_revoked.connect(_doris_revoked)  # type: ignore[arg-type]
+    app.on_partitions_assigned.connect(_doris_assigned)  # type: ignore[arg-type]
 
     app.close_on_shutdown(_client.stop)
 else:

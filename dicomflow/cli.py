@@ -82,7 +82,8 @@ def worker(broker: str | None, partitions: int | None, web_port: int | None, log
                      DICOMFLOW_LOG_LEVEL=loglevel)
     from streams.app import app, settings
 
-    sys.argv = ["dicomflow-worker", "worker", "-l", settings.log_level.lower(), "--web-port",
+    # uvloop takes roughly 15% of Faust's per-event CPU (faust-pitfalls §3).
+    sys.argv = ["dicomflow-worker", "--loop", "uvloop", "worker", "-l", settings.log_level.lower(), "--web-port",
                 str(settings.web_port), "--web-host", "127.0.0.1"]
     app.main()
 

@@ -53,11 +53,23 @@ class DicomflowError(Exception):
             self.code = code
         self.field = field
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Errors cross process boundaries (the ingest parse pool): keep code and field.
+        return (_rebuild, (type(self), self.message, self.code, self.field, dict(self.__dict__)))
+
     def as_dict(self) -> dict[str, Any]:
         return {"code": self.code, "field": self.field, "message": self.message}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(code={self.code!r}, field={self.field!r}, message={self.message!r})"
+
+
+def _rebuild(cls: type[DicomflowError], message: str, code: str, field: str | None,
+             state: dict[str, Any]) -> DicomflowError:
+    err = DicomflowError.__new__(cls)
+    DicomflowError.__init__(err, message, code=code, field=field)
+    err.__dict__.update(state)
+    return err
 
 
 class ConfigError(DicomflowError):

@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 
 from dicomflow.errors import Code, ExtractionError, FileAccessError
 from schemas.dicomvalues import accession_fallback, parse_da, parse_tm, uid_hash
@@ -40,7 +42,7 @@ DEFAULT_TRANSFER_SYNTAX = "1.2.840.10008.1.2"
 #: The seeds' private tag carrying a tenant id (used by the SCP when configured).
 TENANT_PRIVATE_TAG = 0x12111217
 
-# Only these tags are decoded; skipping the rest makes header reads markedly cheaper.
+# The tags the rules read, resolved once: keyword lookups cost more than the values.
 _TAGS: list[int | str] = [
     "SpecificCharacterSet", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
     "SOPClassUID", "StudyDate", "AccessionNumber", "Modality", "PatientName", "PatientSex",
@@ -53,6 +55,7 @@ _TAGS: list[int | str] = [
     "BitsStored", "HighBit", "PixelRepresentation", "RescaleIntercept", "RescaleSlope",
     "RescaleType", "WindowCenter", "WindowWidth", "NumberOfFrames", TENANT_PRIVATE_TAG,
 ]
+_TAG_OF: dict[str, BaseTag] = {k: BaseTag(tag_for_keyword(k) or 0) for k in _TAGS if isinstance(k, str)}
 
 
 @dataclass(slots=True)
@@ -74,11 +77,13 @@ def read_header(path: str | os.PathLike[str]) -> Dataset:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)  # type: ignore[arg-type]
+                # No specific_tags: pydicom's per-element tag filter costs more than it saves,
+                # and values are only decoded when the rules ask for them.
+                return pydicom.dcmread(path, stop_before_pixels=True)
             except InvalidDicomError:
                 # Files without the 128-byte preamble (ACR-NEMA style, or a raw dataset) are
                 # still DICOM; accept them only if a forced read finds real elements.
-                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=_TAGS)  # type: ignore[arg-type]
+                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
                 if not any(elem.tag.group >= 0x0008 and elem.keyword for elem in ds):
                     raise ExtractionError(
                         "not a DICOM file: no preamble/DICM prefix and no recognisable elements",
@@ -142,11 +147,11 @@ def looks_truncated(path: str | os.PathLike[str]) -> bool:
 
 def _raw(ds: Dataset, keyword: str) -> Any:
     """The element's value, or None when absent/empty/undecodable."""
+    tag = _TAG_OF[keyword]
     try:
-        elem = ds[keyword] if keyword in ds else None
-        if elem is None:
+        if ds.get_item(tag) is None:
             return None
-        value = elem.value
+        value = ds[tag].value
     except Exception:  # lazy decoding of a malformed element
         return None
     if value is None or value == "" or isinstance(value, Sequence):

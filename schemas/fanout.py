@@ -28,7 +28,7 @@ from schemas.paths import resolve_in_root
 from schemas.records import DicomObjectMeta, StorageEvent
 from streams.topology import DLQ, IMAGE, LOG, SERIES_INSTANCES
 
-__all__ = ["Output", "Outcome", "process", "dead_letter"]
+__all__ = ["Output", "Outcome", "process", "process_many", "dead_letter"]
 
 _EVENT_OVERLAY = ("source_ip", "source_ae", "target_ts", "worker_node_id")
 
@@ -179,3 +179,24 @@ def process(raw: bytes, key: bytes | None, *, storage_root: Path, worker: str,
         None,
         event.trace_id,
     )
+
+
+def process_many(items: list[tuple[bytes, bytes | None, dict[str, Any]]], storage_root: Path, worker: str
+                 ) -> list[Outcome]:
+    """``process`` over a chunk of messages; the unit of work of the ingest parse pool.
+
+    A bug in one message must not fail its neighbours, so each is isolated here too.
+    """
+    import warnings
+
+    out: list[Outcome] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns per odd value; outcomes carry what matters
+        for raw, key, source in items:
+            try:
+                out.append(process(raw, key, storage_root=storage_root, worker=worker, source=source))
+            except Exception as exc:
+                err = DicomflowError(f"internal error: {type(exc).__name__}: {exc}", code="INTERNAL")
+                out.append(Outcome([Output(DLQ, key, dead_letter(error=err, stage="ingest", worker=worker, raw=raw,
+                                                                 source=source))], err))
+    return out

@@ -128,6 +128,7 @@ class Settings:
     doris_max_bytes: int
     doris_max_interval: float
     doris_dedup_window: int
+    ingest_processes: int
     scp_host: str
     scp_port: int
     scp_aet: str
@@ -186,6 +187,7 @@ class Settings:
             doris_max_bytes=_int(env, "DICOMFLOW_DORIS_MAX_BYTES", 16 * 1024 * 1024, minimum=1024),
             doris_max_interval=_float(env, "DICOMFLOW_DORIS_MAX_INTERVAL", 10.0, minimum=0.05),
             doris_dedup_window=_int(env, "DICOMFLOW_DORIS_DEDUP_WINDOW", 100_000, minimum=0),
+            ingest_processes=_int(env, "DICOMFLOW_INGEST_PROCESSES", os.cpu_count() or 1, minimum=0),
             scp_host=env.get("DICOMFLOW_SCP_HOST") or "0.0.0.0",
             scp_port=_int(env, "DICOMFLOW_SCP_PORT", 11112, minimum=1),
             scp_aet=env.get("DICOMFLOW_SCP_AET") or "DICOMFLOW",

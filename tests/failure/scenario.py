@@ -116,3 +116,30 @@ async def assert_final(expected: Expected, dsn: str, emulator: DorisEmulator, ti
     assert matches(expected, pg, doris), "state changed after reaching the expected end state"
     dupes = [t for t, n in doris["traces"].items() if n > 1]
     assert not dupes and doris["object_rows"] == len(expected.traces), f"duplicate trace ids: {dupes[:5]}"
+
+
+async def explain_missing(broker: EmbeddedBroker, emulator: DorisEmulator, expected: Expected) -> str:
+    """Where the records missing from Doris sit in their topics, and which loads covered them."""
+    from streams.topology import IMAGE, LOG
+    from tests.harness import read_all
+
+    lines = []
+    have_sops = {r["sop_uid"] for r in emulator.rows("dicom_image_meta")}
+    have_traces = {r["trace_id"] for r in emulator.rows("dicom_object_meta")}
+    for topic, table, field, have in ((IMAGE, "dicom_image_meta", "sop_uid", have_sops),
+                                      (LOG, "dicom_object_meta", "trace_id", have_traces)):
+        for m in await read_all(broker.url, topic):
+            value = m.json().get(field)
+            if value not in have:
+                covering = [(load.label, load.status, load.total, load.loaded) for load in emulator.loads
+                            if load.table == table and load.label and _covers(load.label, topic, m.partition, m.offset)]
+                lines.append(f"{table}: missing {field}={value} at {topic}[{m.partition}]@{m.offset}; loads={covering}")
+    return "\n".join(lines[:20])
+
+
+def _covers(label: str, topic: str, partition: int, offset: int) -> bool:
+    parts = label.split(":")
+    try:
+        return parts[-4] == topic and int(parts[-3]) == partition and int(parts[-2]) <= offset <= int(parts[-1])
+    except (IndexError, ValueError):
+        return False

@@ -15,7 +15,16 @@ import pytest
 from dicomflow.embedded.broker import EmbeddedBroker
 from dicomflow.embedded.postgres import EmbeddedPostgres
 from tests.doris_emulator import DorisEmulator
-from tests.failure.scenario import assert_final, backfill, make_dataset, pg_series, progress, stack_env, wait_for
+from tests.failure.scenario import (
+    assert_final,
+    backfill,
+    explain_missing,
+    make_dataset,
+    pg_series,
+    progress,
+    stack_env,
+    wait_for,
+)
 from tests.harness import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -53,6 +62,8 @@ async def test_three_sigkills_during_5k_backfill(fresh_broker: EmbeddedBroker, t
     worker = WorkerProcess(_port(env, 3), home / "w3.log").start()
     try:
         await assert_final(expected, pg_dsn, doris_emulator, 300, worker.log_tail)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{await explain_missing(fresh_broker, doris_emulator, expected)}") from None
     finally:
         worker.stop()
 
