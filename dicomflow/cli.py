@@ -47,13 +47,21 @@ def inspect(files: tuple[Path, ...], tenant: str, as_json: bool) -> None:
             failures += 1
             out: dict[str, Any] = {"file": str(path), "error": result.as_dict()}
         else:
-            result.object.trace_id = trace_id_for(tenant, result.image.sop_uid, str(path))
+            result.object.trace_id = trace_id_for(tenant, result.image.sop_uid, _storage_relative(path))
             out = {"file": str(path), "state": result.state, "image": result.image, "object": result.object}
         if as_json:
             click.echo(codec.dumps(out).decode())
         else:
             _print_human(out)
     sys.exit(1 if failures == len(files) else 0)
+
+
+def _storage_relative(path: Path) -> str:
+    """The path as events carry it (relative to the storage root when inside it), so the
+    trace id shown is the one backfill would publish."""
+    root = _settings().storage_root.resolve()
+    resolved = path.resolve()
+    return str(resolved.relative_to(root)) if root in resolved.parents else str(path)
 
 
 def _apply_overrides(**env: Any) -> None:
