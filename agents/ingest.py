@@ -84,14 +84,19 @@ async def _outcomes(items: list[tuple[bytes, bytes | None, dict[str, Any]]]) -> 
 
 @app.agent(storage)
 async def ingest(stream: StreamT[Any]) -> None:
+    loop = asyncio.get_running_loop()
     async for events in batches(stream, BATCH, BATCH_WITHIN_S):
+        started = loop.time()
         outcomes = await _outcomes([_item(e) for e in events])
+        failed = 0
         for event, outcome in zip(events, outcomes, strict=True):
             for out in outcome.outputs:
                 await BY_NAME[out.topic].send(key=out.key, value=out.value)
             if outcome.error is not None:
+                failed += 1
                 app.metrics.dead_letters.labels("ingest", outcome.error.code).inc()
                 log.info("dead-lettered trace_id=%s code=%s field=%s offset=%s", outcome.trace_id,
                          outcome.error.code, outcome.error.field, event.message.offset)
             else:
                 log.debug("ingested trace_id=%s offset=%s", outcome.trace_id, event.message.offset)
+        log.info("ingest batch events=%s dead_lettered=%s elapsed_s=%.3f", len(events), failed, loop.time() - started)
