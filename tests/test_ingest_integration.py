@@ -180,3 +180,22 @@ def _sop(path: Path) -> str:
     import pydicom
 
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+async def test_plain_faust_cli_runs_the_app(fresh_broker: EmbeddedBroker, home: Path, ct_small: Path,
+                                            publisher: EventPublisher) -> None:
+    """`faust -A streams.app worker` is the same app as `dicomflow worker`."""
+    shutil.copy(ct_small, home / "storage" / "ct.dcm")
+    env = worker_env(fresh_broker.url, home)
+    faust_bin = Path(sys.executable).with_name("faust")
+    log = open(home / "faust.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([str(faust_bin), "-A", "streams.app", "worker", "-l", "info", "--web-port",
+                             env["DICOMFLOW_WEB_PORT"]], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        await publisher.publish({"tenant_id": "t-faust", "file_path": "ct.dcm", "trace_id": "faust-cli-1"}, None)
+        images = await read_topic(fresh_broker.url, IMAGE, until=lambda m: len(m) >= 1, timeout=90)
+        assert images[0].json()["tenant_id"] == "t-faust"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
