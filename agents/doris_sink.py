@@ -33,15 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust import Stream
 from faust.types import TP, EventT, StreamT
 
+from agents.gaps import GapGuard, read_range
 from agents.sink_support import dead_letter_rejected
 from dicomflow.errors import SinkDataError
 from sinks.base import Rejected, SinkBatch, SinkItem, flush_with_retry
 from sinks.doris import DorisTableSink, StreamLoadClient
-from streams.admin import bootstrap_of
 from streams.app import app, settings
 from streams.topics import doris_intents, image, log, state
 from streams.topology import DORIS_INTENTS
@@ -63,7 +62,6 @@ class _Partition:
     nbytes: int = 0
     started: float = 0.0
     forced_end: int | None = None
-    expect: int | None = None
     seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
 
@@ -78,6 +76,7 @@ class DorisStage:
         self.dedup_trace = dedup_trace
         self.parts: dict[int, _Partition] = {}
         self.parked: dict[int, _Partition] = {}
+        self.guard = GapGuard(topic_name)
         self.lock = asyncio.Lock()
         self.stream: StreamT[Any] | None = None
         self.counters = {"duplicates_skipped": 0, "replayed_batches": 0}
@@ -106,6 +105,7 @@ class DorisStage:
             if partition in mine:
                 self.parts[partition] = part
             else:
+                self.guard.forget([TP(self.topic_name, partition)])
                 logger.info("doris sink partition moved table=%s partition=%s unloaded=%s..%s", self.sink.table,
                             partition, part.first, part.last)
 
@@ -128,10 +128,11 @@ class DorisStage:
 
     async def on_event(self, event: EventT) -> None:
         msg = event.message
+        again, missing = await self.guard.check(msg.partition, msg.offset)
         # A partition between revocation and re-assignment still owns its parked buffer.
         part = (self.parts.get(msg.partition) or self.parked.get(msg.partition)
-                or await self._open(msg.partition, msg.offset))
-        if part.expect is not None and msg.offset < part.expect:
+                or await self._open(msg.partition, missing[0].offset if missing else msg.offset))
+        if again:
             # Delivered again (Faust re-seeked after a rebalance): already buffered or
             # loaded; ack it with the current batch, load nothing twice.
             part.events.append(event)
@@ -139,40 +140,39 @@ class DorisStage:
                 await self._ack(event)
                 part.events.clear()
             return
-        if part.expect is not None and msg.offset != part.expect:
-            logger.warning("doris sink gap in offsets table=%s partition=%s expected=%s got=%s",
-                           self.sink.table, msg.partition, part.expect, msg.offset)
-        part.expect = msg.offset + 1
-        if part.first is None:
-            self._start_batch(part, msg.offset)
+        for r in missing:  # records Faust skipped: load them in order, before this event
+            await self._add(part, r.value, r.key, r.topic, r.partition, r.offset, r.timestamp)
         part.events.append(event)
-        part.last = msg.offset
         raw = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
-        key = event.key.decode() if isinstance(event.key, bytes) else event.key
+        await self._add(part, raw, event.key, msg.topic, msg.partition, msg.offset, msg.timestamp or 0.0)
+        if self._due(part, now=None):
+            await self.flush(msg.partition)
+
+    async def _add(self, part: _Partition, raw: bytes, key: Any, topic: str, partition: int, offset: int,
+                   timestamp: float) -> None:
+        if part.first is None:
+            self._start_batch(part, offset)
+        part.last = offset
+        skey = key.decode() if isinstance(key, bytes) else key
         try:
             row = orjson.loads(raw)
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
         except ValueError as exc:
-            bad: SinkItem[dict[str, Any]] = SinkItem({}, key, msg.topic, msg.partition, msg.offset, raw=raw)
+            bad: SinkItem[dict[str, Any]] = SinkItem({}, skey, topic, partition, offset, raw=raw)
             await dead_letter_rejected([Rejected(bad, SinkDataError(f"undecodable row: {exc}"))], f"doris:{self.kind}")
-            row = None
-        if row is not None and self.dedup_trace:
-            trace = _dedup_key(row)
-            if trace is not None:
-                if trace in part.seen:
+            return
+        if self.dedup_trace:
+            dkey = _dedup_key(row)
+            if dkey is not None:
+                if dkey in part.seen:
                     self.counters["duplicates_skipped"] += 1
-                    row = None
-                else:
-                    part.seen[trace] = None
-                    while len(part.seen) > settings.doris_dedup_window:
-                        part.seen.popitem(last=False)
-        if row is not None:
-            part.items.append(SinkItem(row, key, msg.topic, msg.partition, msg.offset,
-                                       timestamp=msg.timestamp or 0.0, raw=raw))
-            part.nbytes += len(raw)
-        if self._due(part, now=None):
-            await self.flush(msg.partition)
+                    return
+                part.seen[dkey] = None
+                while len(part.seen) > settings.doris_dedup_window:
+                    part.seen.popitem(last=False)
+        part.items.append(SinkItem(row, skey, topic, partition, offset, timestamp=timestamp, raw=raw))
+        part.nbytes += len(raw)
 
     def _start_batch(self, part: _Partition, offset: int) -> None:
         part.first = offset
@@ -232,31 +232,9 @@ class DorisStage:
             event.ack()
 
 
-async def _read_partition(topic: str, partition: int, start: int | None, end: int | None) -> list[Any]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_of(settings.broker_url), enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tp = TopicPartition(topic, partition)
-        consumer.assign([tp])
-        if start is None:
-            await consumer.seek_to_beginning(tp)
-        else:
-            consumer.seek(tp, start)
-        stop = end if end is not None else (await consumer.end_offsets([tp]))[tp]
-        out: list[Any] = []
-        while await consumer.position(tp) < stop:
-            batch = await consumer.getmany(tp, timeout_ms=1000)
-            for record in batch.get(tp, []):
-                if record.offset < stop:
-                    out.append(record)
-        return out
-    finally:
-        await consumer.stop()
-
-
 async def _read_intents(key: bytes, partition: int) -> list[tuple[int, int]]:
     latest: list[tuple[int, int]] = []
-    for record in await _read_partition(DORIS_INTENTS, partition, None, None):
+    for record in await read_range(DORIS_INTENTS, partition, None, None):
         if record.key == key and record.value:
             latest = [(int(a), int(b)) for a, b in orjson.loads(record.value)]
     return latest
@@ -277,7 +255,7 @@ def _dedup_key(row: dict[str, Any]) -> str | None:
 
 async def _read_trace_ids(topic: str, partition: int, start: int, end: int) -> list[str]:
     keys: list[str] = []
-    for record in await _read_partition(topic, partition, start, end):
+    for record in await read_range(topic, partition, start, end):
         try:
             row = orjson.loads(record.value or b"null")
         except orjson.JSONDecodeError:
@@ -311,6 +289,7 @@ if settings.doris_enabled:
         _register(_stage, _topic)
         app.metrics.register_counters(f"doris_{_stage.kind}", _stage.sink.counters)
         app.metrics.register_counters(f"doris_{_stage.kind}_stage", _stage.counters)
+        app.metrics.register_counters(f"doris_{_stage.kind}_gaps", _stage.guard.stats)
 
     @app.timer(0.5)
     async def doris_tick() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from faust.types import EventT, StreamT
 
+from agents.gaps import GapGuard
 from agents.sink_support import batches
 from schemas.fanout import Outcome, process_many
 from streams.app import app, settings
@@ -34,6 +35,9 @@ BATCH = 200
 BATCH_WITHIN_S = 0.05
 
 _pool: ProcessPoolExecutor | None = None
+guard = GapGuard(storage.get_topic_name())
+guard.watch_revocations(app)
+app.metrics.register_counters("ingest_gaps", guard.stats)
 
 
 def _get_pool() -> ProcessPoolExecutor | None:
@@ -87,16 +91,22 @@ async def ingest(stream: StreamT[Any]) -> None:
     loop = asyncio.get_running_loop()
     async for events in batches(stream, BATCH, BATCH_WITHIN_S):
         started = loop.time()
-        outcomes = await _outcomes([_item(e) for e in events])
+        items: list[tuple[bytes, bytes | None, dict[str, Any]]] = []
+        for e in events:
+            _, missing = await guard.check(e.message.partition, e.message.offset)
+            items.extend((r.value, r.key, {"topic": r.topic, "partition": r.partition, "offset": r.offset})
+                         for r in missing)
+            items.append(_item(e))
+        outcomes = await _outcomes(items)
         failed = 0
-        for event, outcome in zip(events, outcomes, strict=True):
+        for item, outcome in zip(items, outcomes, strict=True):
             for out in outcome.outputs:
                 await BY_NAME[out.topic].send(key=out.key, value=out.value)
             if outcome.error is not None:
                 failed += 1
                 app.metrics.dead_letters.labels("ingest", outcome.error.code).inc()
                 log.info("dead-lettered trace_id=%s code=%s field=%s offset=%s", outcome.trace_id,
-                         outcome.error.code, outcome.error.field, event.message.offset)
+                         outcome.error.code, outcome.error.field, item[2]["offset"])
             else:
-                log.debug("ingested trace_id=%s offset=%s", outcome.trace_id, event.message.offset)
-        log.info("ingest batch events=%s dead_lettered=%s elapsed_s=%.3f", len(events), failed, loop.time() - started)
+                log.debug("ingested trace_id=%s offset=%s", outcome.trace_id, item[2]["offset"])
+        log.info("ingest batch events=%s dead_lettered=%s elapsed_s=%.3f", len(items), failed, loop.time() - started)

@@ -14,8 +14,9 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from faust.types import TP, EventT, StreamT
+from faust.types import TP, StreamT
 
+from agents.gaps import GapGuard
 from schemas import codec
 from schemas.records import DicomStateMeta
 from streams.app import app, settings
@@ -65,8 +66,7 @@ def _mark_clean(key: bytes, agg: dict[str, Any]) -> None:
     _requested.pop(key, None)
 
 
-async def _on_instance(event: EventT, key: bytes, msg: dict[str, Any]) -> None:
-    offset, partition = event.message.offset, event.message.partition
+async def _on_instance(offset: int, partition: int, timestamp: float | None, key: bytes, msg: dict[str, Any]) -> None:
     agg: dict[str, Any] | None = get_window(key)
     mkey = marker_key(key, msg["sop_uid"])
     marker = get_marker(mkey)
@@ -81,7 +81,7 @@ async def _on_instance(event: EventT, key: bytes, msg: dict[str, Any]) -> None:
     new_instance = marker is None or marker == offset
     if marker is None:
         set_marker(mkey, offset)
-    w = window_start(event.message.timestamp or time.time(), WINDOW_S)
+    w = window_start(timestamp or time.time(), WINDOW_S)
     if agg is None:
         agg = {"w": w, "n": 0, "off": offset, "p": partition, "dirty": False, "state": msg["state"],
                "created": msg["state"].get("created_time")}
@@ -109,19 +109,32 @@ async def _on_flush(key: bytes, msg: dict[str, Any]) -> None:
     _mark_clean(key, agg)
 
 
+async def _handle(offset: int, partition: int, timestamp: float | None, key: bytes, value: bytes) -> None:
+    try:
+        msg = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        log.error("series: undecodable message partition=%s offset=%s", partition, offset)
+        return
+    if "flush" in msg:
+        await _on_flush(key, msg)
+    else:
+        await _on_instance(offset, partition, timestamp, key, msg)
+
+
+guard = GapGuard(series_instances.get_topic_name())
+guard.watch_revocations(app)
+app.metrics.register_counters("series_gaps", guard.stats)
+
+
 @app.agent(series_instances)
 async def series(stream: StreamT[Any]) -> None:
     async for event in stream.events():
+        m = event.message
+        _, missing = await guard.check(m.partition, m.offset)
+        for r in missing:  # same partition: table writes still land on the right changelog partition
+            await _handle(r.offset, r.partition, r.timestamp, r.key or b"", r.value)
         key = event.key if isinstance(event.key, bytes) else str(event.key).encode()
-        try:
-            msg = orjson.loads(event.value)
-        except orjson.JSONDecodeError:
-            log.error("series: undecodable message offset=%s", event.message.offset)
-            continue
-        if "flush" in msg:
-            await _on_flush(key, msg)
-        else:
-            await _on_instance(event, key, msg)
+        await _handle(m.offset, m.partition, m.timestamp, key, event.value)
 
 
 def _active_partitions() -> frozenset[int]:
