@@ -255,6 +255,10 @@ def status(as_json: bool, broker: str | None) -> None:
     else:
         report["postgres_dsn"] = stack.get("postgres_dsn")
     report["scp"] = stack.get("scp")
+    from dicomflow.status import sink_counters
+
+    urls = [w["metrics"] for w in stack.get("workers", [])] or [f"http://127.0.0.1:{settings.web_port}/metrics"]
+    report.update(sink_counters(urls))
     if as_json:
         click.echo(codec.dumps(report).decode())
         return
@@ -266,6 +270,11 @@ def status(as_json: bool, broker: str | None) -> None:
                        f"committed={p.get('committed_offset')!s:<8} {lag}")
     for topic, codes in report["dead_letters"].items():
         click.echo(f"  dead letters {topic}: {codes or 'none'}")
+    for sink, values in sorted(report["sinks"].items()):
+        fields = " ".join(f"{k}={v:g}" for k, v in sorted(values.items()))
+        click.echo(f"  sink {sink}: {fields}")
+    if report["unreachable"]:
+        click.echo(f"  workers not reachable for counters: {', '.join(report['unreachable'])}")
     click.echo(f"  postgres {report['postgres_dsn']}")
 
 

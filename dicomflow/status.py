@@ -110,3 +110,34 @@ async def collect_status(broker_url: str, group: str, consumed: tuple[str, ...] 
         "dead_letters": {DLQ: await _dead_letter_codes(bootstrap, DLQ),
                          SINK_DLQ: await _dead_letter_codes(bootstrap, SINK_DLQ)},
     }
+
+
+def sink_counters(metrics_urls: list[str], timeout: float = 3.0) -> dict[str, Any]:
+    """Sink and stage counters scraped from the workers' /metrics (summed over workers).
+
+    Counters live in the worker processes; ``status`` runs elsewhere, so it reads what
+    Prometheus would. Unreachable workers are listed under ``unreachable``.
+    """
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sinks: dict[str, dict[str, float]] = {}
+    unreachable: list[str] = []
+    for url in metrics_urls:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - operator-given URL
+                text = resp.read().decode()
+        except OSError:
+            unreachable.append(url)
+            continue
+        for family in text_string_to_metric_families(text):
+            if not family.name.startswith("dicomflow_sink_"):
+                continue
+            what = family.name.removeprefix("dicomflow_sink_")
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                entry = sinks.setdefault(sample.labels.get("sink", "?"), {})
+                entry[what] = entry.get(what, 0.0) + sample.value
+    return {"sinks": sinks, "unreachable": unreachable}

@@ -74,6 +74,9 @@ async def test_status_lag_and_metrics(fresh_broker: EmbeddedBroker, tmp_path: Pa
         assert _value(text, 'dicomflow_stage_events_total{stage="series_window",what="flushes"}') >= 1.0
         assert _value(text, 'dicomflow_faust_messages_received_per_topic_total{topic="storage_queue"}') == 7.0
         assert 'dicomflow_consumer_lag{partition="' in text
+        live = _cli(env, "status", "--json")
+        assert live.returncode == 0, live.stderr
+        assert orjson.loads(live.stdout)["sinks"]["postgres"]["rows"] == 1.0
     finally:
         worker.stop()
 
