@@ -103,26 +103,13 @@ def worker(broker: str | None, partitions: int | None, web_port: int | None, log
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def backfill(directory: Path, tenant: str, broker: str | None, no_progress: bool) -> None:
     """Publish one storage event per file below DIRECTORY (inside the storage root)."""
-    import asyncio
-
     from feeders.backfill import backfill as run_backfill
-    from feeders.publisher import EventPublisher
-    from streams.topology import EMBEDDED_PROFILE, PRODUCTION_PROFILE
 
     _apply_overrides(DICOMFLOW_BROKER=broker)
     settings = _settings()
-    profile = EMBEDDED_PROFILE if settings.broker_profile == "tansu" else PRODUCTION_PROFILE
-
-    async def run() -> Any:
-        publisher = EventPublisher(settings.broker_url, profile, partitions=settings.partitions)
-        await publisher.start()
-        try:
-            return await run_backfill(directory, storage_root=settings.storage_root, tenant=tenant,
-                                      worker=settings.worker_id, publisher=publisher, progress=not no_progress)
-        finally:
-            await publisher.stop()
-
-    summary = _run_or_exit(lambda: asyncio.run(run()))
+    summary = _with_publisher(settings, lambda publisher: run_backfill(
+        directory, storage_root=settings.storage_root, tenant=tenant, worker=settings.worker_id,
+        publisher=publisher, progress=not no_progress))
     click.echo(f"backfill: files={summary.files} published={summary.published} failed={summary.failed} "
                f"without_dicom_ids={summary.unreadable_headers}")
     for line in summary.errors[:20]:
@@ -135,26 +122,13 @@ def backfill(directory: Path, tenant: str, broker: str | None, no_progress: bool
 @click.option("--broker", help="kafka://host:port (default: DICOMFLOW_BROKER, else the embedded one).")
 def replay_dlq(code: str | None, broker: str | None) -> None:
     """Re-publish dead letters to storage_queue once their cause is fixed."""
-    import asyncio
-
-    from feeders.publisher import EventPublisher
     from feeders.replay import replay_dead_letters
     from streams.admin import bootstrap_of
-    from streams.topology import EMBEDDED_PROFILE, PRODUCTION_PROFILE
 
     _apply_overrides(DICOMFLOW_BROKER=broker)
     settings = _settings()
-    profile = EMBEDDED_PROFILE if settings.broker_profile == "tansu" else PRODUCTION_PROFILE
-
-    async def run() -> Any:
-        publisher = EventPublisher(settings.broker_url, profile, partitions=settings.partitions)
-        await publisher.start()
-        try:
-            return await replay_dead_letters(bootstrap_of(settings.broker_url), publisher, code=code)
-        finally:
-            await publisher.stop()
-
-    summary = _run_or_exit(lambda: asyncio.run(run()))
+    summary = _with_publisher(settings, lambda publisher: replay_dead_letters(
+        bootstrap_of(settings.broker_url), publisher, code=code))
     click.echo(f"replay-dlq: scanned={summary.scanned} replayed={summary.replayed} by_code={summary.by_code}")
 
 
@@ -200,18 +174,16 @@ def scp(port: int | None, aet: str | None, broker: str | None) -> None:
     import asyncio
 
     from feeders.scp import serve
-    from streams.topology import EMBEDDED_PROFILE, PRODUCTION_PROFILE
 
     _apply_overrides(DICOMFLOW_SCP_PORT=port, DICOMFLOW_SCP_AET=aet, DICOMFLOW_BROKER=broker)
     settings = _settings()
     _logging(settings.log_level)
-    profile = EMBEDDED_PROFILE if settings.broker_profile == "tansu" else PRODUCTION_PROFILE
 
     def started(server: Any) -> None:
         host, bound = server.address
         click.echo(f"scp listening aet={settings.scp_aet} address={host}:{bound} broker={settings.broker_url}")
 
-    _run_or_exit(lambda: asyncio.run(serve(settings, broker_url=settings.broker_url, profile=profile,
+    _run_or_exit(lambda: asyncio.run(serve(settings, broker_url=settings.broker_url, profile=settings.profile,
                                            on_started=started)))
 
 
@@ -276,6 +248,23 @@ def status(as_json: bool, broker: str | None) -> None:
     if report["unreachable"]:
         click.echo(f"  workers not reachable for counters: {', '.join(report['unreachable'])}")
     click.echo(f"  postgres {report['postgres_dsn']}")
+
+
+def _with_publisher(settings: Any, work: Any) -> Any:
+    """Run ``await work(publisher)`` with a started storage-event publisher; exit on errors."""
+    import asyncio
+
+    from feeders.publisher import EventPublisher
+
+    async def run() -> Any:
+        publisher = EventPublisher(settings.broker_url, settings.profile, partitions=settings.partitions)
+        await publisher.start()
+        try:
+            return await work(publisher)
+        finally:
+            await publisher.stop()
+
+    return _run_or_exit(lambda: asyncio.run(run()))
 
 
 def _run_or_exit(fn: Any) -> Any:

@@ -19,7 +19,7 @@ from dicomflow.embedded.ports import wait_for_port
 from streams.admin import bootstrap_of, ensure_topics
 from streams.metrics import Metrics, setup_metrics
 from streams.settings import Settings
-from streams.topology import ALL_TOPICS, EMBEDDED_PROFILE, PRODUCTION_PROFILE, BrokerProfile
+from streams.topology import ALL_TOPICS, BrokerProfile
 
 __all__ = ["DicomflowApp", "create_app", "app", "settings"]
 
@@ -63,7 +63,7 @@ class DicomflowApp(faust.App):
 
 
 def create_app(settings: Settings) -> DicomflowApp:
-    profile = EMBEDDED_PROFILE if settings.broker_profile == "tansu" else PRODUCTION_PROFILE
+    profile = settings.profile
     conf: dict[str, Any] = {
         "broker": settings.broker_url,
         "store": "memory://",

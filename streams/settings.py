@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from dicomflow.errors import ConfigError
+from streams.topology import EMBEDDED_PROFILE, PRODUCTION_PROFILE, BrokerProfile
 
 __all__ = ["Secret", "Settings", "mask_dsn"]
 
@@ -210,6 +211,11 @@ class Settings:
     @property
     def embedded_broker(self) -> bool:
         return self.broker is None
+
+    @property
+    def profile(self) -> BrokerProfile:
+        """Client settings for the broker in use (Tansu workarounds, or normal Kafka ones)."""
+        return EMBEDDED_PROFILE if self.broker_profile == "tansu" else PRODUCTION_PROFILE
 
     @property
     def broker_url(self) -> str:

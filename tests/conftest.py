@@ -33,6 +33,20 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 
 
 @pytest.fixture
+def fresh_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    """A Tansu broker of the test's own: stages and groups never see another test's topics."""
+    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as b:
+        yield b
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A DICOMFLOW_HOME with an empty storage root."""
+    (tmp_path / "home" / "storage").mkdir(parents=True)
+    return tmp_path / "home"
+
+
+@pytest.fixture
 def ct_small() -> Path:
     return PYDICOM_TEST_FILES / "CT_small.dcm"
 

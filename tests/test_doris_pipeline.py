@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,6 @@ from tests.harness import REPO, WorkerProcess, clone_series, worker_env
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def fresh_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as b:
-        yield b
 
 
 def _env(broker: EmbeddedBroker, home: Path, emulator: DorisEmulator, **extra: str) -> dict[str, str]:

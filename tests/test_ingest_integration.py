@@ -24,16 +24,6 @@ from tests.test_extract import EXPECTED, Accepted, Rejected
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def fresh_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as b:
-        yield b
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    (tmp_path / "home" / "storage").mkdir(parents=True)
-    return tmp_path / "home"
 
 
 @pytest.fixture

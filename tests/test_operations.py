@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -22,11 +21,6 @@ from tests.harness import REPO, WorkerProcess, clone_series, read_topic, worker_
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def fresh_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as b:
-        yield b
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

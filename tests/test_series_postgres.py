@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +24,6 @@ pytestmark = pytest.mark.integration
 WINDOW_S = 1.0
 
 
-@pytest.fixture
-def fresh_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as b:
-        yield b
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    (tmp_path / "home" / "storage").mkdir(parents=True)
-    return tmp_path / "home"
 
 
 def _env(broker: EmbeddedBroker, home: Path, dsn: str) -> dict[str, str]:

@@ -6,7 +6,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,6 @@ pytestmark = pytest.mark.integration
 
 Case = tuple[str, bytes | dict[str, Any], str]
 
-
-@pytest.fixture
-def fresh_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as b:
-        yield b
 
 
 def _variant(src: Path, dest: Path, change: Callable[[Dataset], None]) -> None:

@@ -7,7 +7,6 @@ demands, and no trace id twice in dicom_object_meta.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,11 +28,6 @@ from tests.harness import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def fresh_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as b:
-        yield b
 
 
 def _port(env: dict[str, str], bump: int) -> dict[str, str]:
