@@ -1,11 +1,11 @@
-"""CPU time of processes from /proc (Linux): how busy the worker and the broker were."""
+"""CPU time and memory of processes from /proc (Linux): how busy and how big the worker and the broker were."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-__all__ = ["cpu_seconds", "child_pids"]
+__all__ = ["cpu_seconds", "child_pids", "descendants", "rss_bytes"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -19,6 +19,43 @@ def cpu_seconds(pid: int) -> float | None:
     # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _parents() -> dict[int, int]:
+    """pid -> ppid of every process now."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            out[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for child, parent in _parents().items():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children.get(p, []))
+    return found
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of ``pid`` (VmRSS), or None if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None  # a zombie has no VmRSS
 
 
 def child_pids(parent: int, name_contains: str) -> list[int]:

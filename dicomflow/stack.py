@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from dicomflow.embedded.broker import EmbeddedBroker
-from dicomflow.embedded.ports import wait_for_port
 from streams.settings import Settings, mask_dsn
 
 __all__ = ["Stack", "read_stack_file"]
@@ -100,8 +99,23 @@ class Stack:
         self.children.append((name, proc))
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
-        """The SCP accepting associations is the last thing to come up."""
-        return wait_for_port("127.0.0.1", self.settings.scp_port, timeout)
+        """The SCP accepting associations is the last thing to come up.
+
+        Read from its log rather than by probing the port: pynetdicom keeps a bare TCP probe
+        as an association slot until its 30 s timeout, and that also delays shutdown.
+        """
+        log_file = self.settings.home / "logs" / "scp.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if "scp listening" in log_file.read_text(errors="replace"):
+                    return True
+            except OSError:
+                pass
+            if any(proc.poll() is not None for _, proc in self.children):
+                return False
+            time.sleep(0.2)
+        return False
 
     def supervise(self) -> int:
         """Block until a signal or a child's death; then stop everything. Returns an exit code."""

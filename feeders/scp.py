@@ -63,6 +63,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomflow.errors import BrokerError, Code, ConfigError, ContractError, ExtractionError
+from feeders.net import no_delay
 from feeders.storage import InstanceStore, Placement
 from feeders.tenancy import AssociationTenant, TenantResolver
 from schemas.codec import format_datetime
@@ -379,6 +380,10 @@ def _peer(assoc: Association) -> tuple[str, str, str]:
     return calling, called, ip
 
 
+def _on_connection_open(event: Event) -> None:
+    no_delay(event.assoc)
+
+
 def handle_association_request(event: Event, tenancy: TenantResolver) -> None:
     """EVT_REQUESTED: reject an association that no tenant can be resolved for."""
     calling, called, ip = _peer(event.assoc)
@@ -585,6 +590,7 @@ class StorageSCP:
             worker_node_id=config.worker_node_id,
         )
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, _on_connection_open),
             (evt.EVT_REQUESTED, handle_association_request, [config.tenancy]),
             (evt.EVT_C_STORE, handle_store, [deps]),
         ]

@@ -28,6 +28,8 @@ from pydicom.uid import MediaStorageDirectoryStorage
 from pynetdicom import AE
 from tqdm import tqdm
 
+from feeders.net import no_delay
+
 __all__ = ["SendSummary", "iter_files", "send_paths"]
 
 log = logging.getLogger(__name__)
@@ -180,6 +182,7 @@ def _send_batch(batch: list[_Item], contexts: list[tuple[str, str]], host: str, 
         ae.add_requested_context(sop_class, ts)
     tls_args = (ssl_context, server_hostname or host) if ssl_context is not None else None
     assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
+    no_delay(assoc)
     if not assoc.is_established:
         if assoc.is_rejected:
             reason = f"association rejected by {called_aet}@{host}:{port}"

@@ -216,6 +216,9 @@ class StreamLoadClient:
     def _judge(self, http_status: int, raw: bytes, where: str, label: str, elapsed: float) -> LoadResult:
         if http_status in (401, 403):
             self._auth_failed(where, f"HTTP {http_status}")
+        if http_status == 413:
+            # The batch is bigger than this server accepts: splitting it is the only way on.
+            raise SinkDataError(f"doris refused the body as too large (HTTP 413) {where}", code=Code.SINK_REJECTED)
         if http_status != 200:
             log.warning("doris load got http_status=%s %s", http_status, where)
             raise SinkRetryableError(f"doris HTTP {http_status}: {raw[:200]!r}")
@@ -261,6 +264,9 @@ class StreamLoadClient:
         # Status Fail (or anything unknown): the txn was rolled back, the label is free.
         first = reply.get("FirstErrorMsg") or ""
         url = reply.get("ErrorURL") or ""
+        if "EXCEEDED_LIMIT" in message:
+            log.info("doris refused the body size %s message=%r: splitting the batch", where, message)
+            raise SinkDataError(f"doris body too large: {message}", code=Code.SINK_REJECTED)
         if any(s in message for s in _DATA_QUALITY):
             detail = message + (f"; first error: {first}" if first else "") + (f"; {url}" if url else "")
             log.info("doris refused data %s filtered=%s message=%r", where, result.filtered_rows, detail)

@@ -264,10 +264,11 @@ class DorisEmulator:
         return f"http://{self.host}:{self.be_port}"
 
     async def start(self) -> None:
-        fe = web.Application()
+        # Doris' own JSON body limit (streaming_load_json_max_mb, 100 MB), not aiohttp's 1 MiB.
+        fe = web.Application(client_max_size=100 * 1024 * 1024)
         fe.router.add_route("PUT", "/api/{db}/{table}/_stream_load", self._fe_load,
                             expect_handler=self._fe_expect)
-        be = web.Application()
+        be = web.Application(client_max_size=100 * 1024 * 1024)
         be.router.add_route("PUT", "/api/{db}/{table}/_stream_load", self._be_load,
                             expect_handler=self._be_expect)
         be.router.add_get("/api/_load_error_log", self._be_error_log)
