@@ -13,7 +13,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from dicomflow.errors import ConfigError
@@ -57,30 +57,29 @@ def mask_dsn(dsn: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+N = TypeVar("N", int, float)
+
+
+def _number(env: Mapping[str, str], name: str, default: N, *, minimum: N, kind: type[N]) -> N:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}", field=name) from None
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {what}, got {raw!r}", field=name) from None
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}", field=name)
     return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    return _number(env, name, default, minimum=minimum, kind=int)
 
 
 def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}", field=name) from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}", field=name)
-    return value
+    return _number(env, name, default, minimum=minimum, kind=float)
 
 
 def _mapping(env: Mapping[str, str], name: str) -> dict[str, str]:
