@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -66,24 +67,34 @@ def _item(event: EventT) -> tuple[bytes, bytes | None, dict[str, Any]]:
     return raw, key, {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
 
 
-async def _outcomes(items: list[tuple[bytes, bytes | None, dict[str, Any]]]) -> list[Outcome]:
+#: Events per parse task: small enough that sending the first chunk's outputs overlaps
+#: with parsing the next ones, large enough to amortise the process hop.
+CHUNK = 25
+
+
+async def _outcomes(items: list[tuple[bytes, bytes | None, dict[str, Any]]]) -> AsyncIterator[list[Outcome]]:
+    """Outcomes chunk by chunk, in order, as the pool finishes them."""
     global _pool
     pool = _get_pool()
     if pool is None or len(items) < 2:
-        return process_many(items, settings.storage_root, settings.worker_id)
-    n = settings.ingest_processes
-    size = -(-len(items) // n)
-    chunks = [items[i:i + size] for i in range(0, len(items), size)]
+        yield process_many(items, settings.storage_root, settings.worker_id)
+        return
+    chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
     loop = asyncio.get_running_loop()
-    try:
-        parts = await asyncio.gather(*(loop.run_in_executor(pool, process_many, c, settings.storage_root,
-                                                            settings.worker_id) for c in chunks))
-    except BrokenProcessPool:
-        # A pool process died (e.g. OOM): parse this batch inline and start a new pool.
-        log.error("ingest parse pool broke; processing the batch inline and restarting the pool")
-        _pool = None
-        return process_many(items, settings.storage_root, settings.worker_id)
-    return [o for part in parts for o in part]
+    futures = [loop.run_in_executor(pool, process_many, c, settings.storage_root, settings.worker_id)
+               for c in chunks]
+    for i, future in enumerate(futures):
+        try:
+            yield await future
+        except BrokenProcessPool:
+            # A pool process died (e.g. OOM): finish inline and start a new pool next time.
+            log.error("ingest parse pool broke; processing the rest of the batch inline")
+            _pool = None
+            for other in futures[i + 1:]:
+                other.cancel()
+            for chunk in chunks[i:]:
+                yield process_many(chunk, settings.storage_root, settings.worker_id)
+            return
 
 
 @app.agent(storage)
@@ -97,16 +108,23 @@ async def ingest(stream: StreamT[Any]) -> None:
             items.extend((r.value, r.key, {"topic": r.topic, "partition": r.partition, "offset": r.offset})
                          for r in missing)
             items.append(_item(e))
-        outcomes = await _outcomes(items)
         failed = 0
-        for item, outcome in zip(items, outcomes, strict=True):
-            for out in outcome.outputs:
-                await BY_NAME[out.topic].send(key=out.key, value=out.value)
-            if outcome.error is not None:
-                failed += 1
-                app.metrics.dead_letters.labels("ingest", outcome.error.code).inc()
-                log.info("dead-lettered trace_id=%s code=%s field=%s offset=%s", outcome.trace_id,
-                         outcome.error.code, outcome.error.field, item[2]["offset"])
-            else:
-                log.debug("ingested trace_id=%s offset=%s", outcome.trace_id, item[2]["offset"])
+        done = 0
+        async for chunk in _outcomes(items):
+            for item, outcome in zip(items[done:done + len(chunk)], chunk, strict=True):
+                failed += await _emit(item, outcome)
+            done += len(chunk)
         log.info("ingest batch events=%s dead_lettered=%s elapsed_s=%.3f", len(items), failed, loop.time() - started)
+
+
+async def _emit(item: tuple[bytes, bytes | None, dict[str, Any]], outcome: Outcome) -> int:
+    """Send one event's outputs; 1 if it was dead-lettered."""
+    for out in outcome.outputs:
+        await BY_NAME[out.topic].send(key=out.key, value=out.value)
+    if outcome.error is None:
+        log.debug("ingested trace_id=%s offset=%s", outcome.trace_id, item[2]["offset"])
+        return 0
+    app.metrics.dead_letters.labels("ingest", outcome.error.code).inc()
+    log.info("dead-lettered trace_id=%s code=%s field=%s offset=%s", outcome.trace_id, outcome.error.code,
+             outcome.error.field, item[2]["offset"])
+    return 1
