@@ -232,7 +232,10 @@ class DorisEmulator:
         ddl: str | None = None,
         auth_mode: Literal["body401", "http401"] = "body401",
         host: str = "127.0.0.1",
+        json_max_bytes: int = 100 * 1024 * 1024,
     ) -> None:
+        #: streaming_load_json_max_mb: bodies over it fail in on_header, before any txn.
+        self.json_max_bytes = json_max_bytes
         self.user = user
         self.password = password
         self.host = host
@@ -443,6 +446,13 @@ class DorisEmulator:
         if table not in self.databases[db]:
             ctx.reply = self._fail(ctx, label, -1,
                                    f"errCode = 2, detailMessage = unknown table, tableName={table}")
+            return ctx
+        length = request.content_length
+        if length is not None and length > self.json_max_bytes:
+            ctx.reply = self._fail(ctx, label, -1,
+                                   f"[EXCEEDED_LIMIT]json body size {length} exceed BE's conf "
+                                   f"'streaming_load_json_max_mb' {self.json_max_bytes}. increase it if you "
+                                   "are sure this load is reasonable")
             return ctx
         if label is None or label == "":
             label = str(uuid.uuid4())

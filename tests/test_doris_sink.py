@@ -325,6 +325,23 @@ async def test_bisection_isolates_a_row_only_doris_rejects(client: StreamLoadCli
             await c.stop()
 
 
+async def test_body_over_the_server_limit_is_split_not_retried_forever(client: StreamLoadClient) -> None:
+    """EXCEEDED_LIMIT is not transient: the batch is halved until each part fits, all rows land."""
+    emulator = DorisEmulator(user=client.user, password="pw", json_max_bytes=2500)
+    async with emulator:
+        c = StreamLoadClient(emulator.fe_url, emulator.user, "pw")
+        sink = sink_for(c, OBJECT)
+        rows = [to_row(r.object) for r in records(8)]
+        try:
+            dead = await flush(sink, batch(rows))
+            assert dead.items == []
+            assert len(emulator.rows(OBJECT)) == 8
+            assert any("EXCEEDED_LIMIT" in x.message for x in emulator.loads)
+            assert sink.counters["bisections"] >= 1
+        finally:
+            await c.stop()
+
+
 async def test_state_sequence_column_keeps_the_newest(doris_emulator: DorisEmulator,
                                                       client: StreamLoadClient) -> None:
     t0 = datetime(2024, 5, 6, 10, 0, 0)
