@@ -17,7 +17,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from dicomflow.errors import DicomflowError, SinkDataError, SinkRetryableError
 
@@ -195,8 +195,3 @@ async def flush_with_retry(
             break
     return written
 
-
-def describe(items: Sequence[SinkItem[Any]]) -> str:
-    if not items:
-        return "empty"
-    return f"{items[0].topic}[{items[0].partition}]@{items[0].offset}..{items[-1].offset}"
