@@ -33,10 +33,11 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
 from dicomflow.errors import Code, ExtractionError, FileAccessError
+from schemas.headerscan import ScannedHeader, scan_file
 from schemas.dicomvalues import accession_fallback, parse_da, parse_tm, uid_hash
 from schemas.records import DicomImageMeta, DicomObjectMeta, DicomStateMeta
 
-__all__ = ["Extracted", "extract", "read_header", "looks_truncated", "DEFAULT_TRANSFER_SYNTAX", "TENANT_PRIVATE_TAG"]
+__all__ = ["Extracted", "Header", "extract", "read_header", "read_fast", "looks_truncated", "DEFAULT_TRANSFER_SYNTAX", "TENANT_PRIVATE_TAG"]
 
 DEFAULT_TRANSFER_SYNTAX = "1.2.840.10008.1.2"
 #: The seeds' private tag carrying a tenant id (used by the SCP when configured).
@@ -56,6 +57,10 @@ _TAGS: list[int | str] = [
     "RescaleType", "WindowCenter", "WindowWidth", "NumberOfFrames", TENANT_PRIVATE_TAG,
 ]
 _TAG_OF: dict[str, BaseTag] = {k: BaseTag(tag_for_keyword(k) or 0) for k in _TAGS if isinstance(k, str)}
+_SCAN_TAGS = frozenset(int(t) for t in _TAG_OF.values())
+
+#: What the rules read values from: pydicom's Dataset, or the fast scan of a file.
+Header = Dataset | ScannedHeader
 
 
 @dataclass(slots=True)
@@ -145,13 +150,28 @@ def looks_truncated(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def _raw(ds: Dataset, keyword: str) -> Any:
+def read_fast(path: str | os.PathLike[str]) -> Header:
+    """The header by the fast scan when it can read the file exactly, else by pydicom.
+
+    Raises as :func:`read_header` does.
+    """
+    try:
+        scanned = scan_file(path, _SCAN_TAGS)
+    except (OSError, ValueError):
+        scanned = None  # read_header classifies the failure (missing, unreadable, ...)
+    return scanned if scanned is not None else read_header(path)
+
+
+def _raw(ds: Header, keyword: str) -> Any:
     """The element's value, or None when absent/empty/undecodable."""
     tag = _TAG_OF[keyword]
     try:
-        if ds.get_item(tag) is None:
+        if isinstance(ds, ScannedHeader):
+            value = ds.value(tag)
+        elif ds.get_item(tag) is None:
             return None
-        value = ds[tag].value
+        else:
+            value = ds[tag].value
     except Exception:  # lazy decoding of a malformed element
         return None
     if value is None or value == "" or isinstance(value, Sequence):
@@ -159,7 +179,7 @@ def _raw(ds: Dataset, keyword: str) -> Any:
     return value
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
+def _text(ds: Header, keyword: str) -> str | None:
     value = _raw(ds, keyword)
     if value is None:
         return None
@@ -173,7 +193,7 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return text or None
 
 
-def _bounded(ds: Dataset, keyword: str, limit: int) -> str | None:
+def _bounded(ds: Header, keyword: str, limit: int) -> str | None:
     text = _text(ds, keyword)
     if text is not None and len(text.encode("utf-8")) > limit:
         raise ExtractionError(
@@ -183,7 +203,7 @@ def _bounded(ds: Dataset, keyword: str, limit: int) -> str | None:
     return text
 
 
-def _required(ds: Dataset, keyword: str, limit: int = 64) -> str:
+def _required(ds: Header, keyword: str, limit: int = 64) -> str:
     text = _text(ds, keyword)
     if text is None:
         raise ExtractionError(f"{keyword} is required but missing or empty",
@@ -200,7 +220,7 @@ def _first(value: Any) -> Any:
     return value
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int(ds: Header, keyword: str) -> int | None:
     try:
         value = _first(_raw(ds, keyword))
         return None if value is None else int(float(str(value).strip()))
@@ -208,7 +228,7 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _float(ds: Dataset, keyword: str) -> float | None:
+def _float(ds: Header, keyword: str) -> float | None:
     try:
         value = _first(_raw(ds, keyword))
         return None if value is None else float(str(value).strip())
@@ -216,7 +236,7 @@ def _float(ds: Dataset, keyword: str) -> float | None:
         return None
 
 
-def _date(ds: Dataset, keyword: str) -> Any:
+def _date(ds: Header, keyword: str) -> Any:
     text = _text(ds, keyword)
     if text is None:
         return None
@@ -226,7 +246,7 @@ def _date(ds: Dataset, keyword: str) -> Any:
         return None
 
 
-def _time(ds: Dataset, keyword: str) -> Any:
+def _time(ds: Header, keyword: str) -> Any:
     text = _text(ds, keyword)
     if text is None:
         return None
@@ -236,7 +256,9 @@ def _time(ds: Dataset, keyword: str) -> Any:
         raise ExtractionError(f"{keyword}: {exc}", code=Code.INVALID_TIME, field=keyword) from None
 
 
-def _transfer_syntax(ds: Dataset) -> str:
+def _transfer_syntax(ds: Header) -> str:
+    if isinstance(ds, ScannedHeader):
+        return ds.transfer_syntax or DEFAULT_TRANSFER_SYNTAX
     meta = getattr(ds, "file_meta", None)
     value = None
     if meta is not None:
@@ -263,12 +285,13 @@ def extract(
     ``file_path``/``file_size`` describe the stored file for the transfer log; they
     default to the path given and its size on disk.
     """
+    ds: Header
     try:
         if isinstance(source, Dataset):
             ds = source
         else:
             path = Path(source)
-            ds = read_header(path)
+            ds = read_fast(path)
             if file_size is None:
                 file_size = path.stat().st_size
             if file_path is None:
@@ -282,7 +305,7 @@ def extract(
         return exc
 
 
-def _build(ds: Dataset, tenant_id: str, trace_id: str, worker_node_id: str, file_path: str | None,
+def _build(ds: Header, tenant_id: str, trace_id: str, worker_node_id: str, file_path: str | None,
            file_size: int | None, now: datetime) -> Extracted:
     if not tenant_id or len(tenant_id.encode("utf-8")) > 64:
         raise ExtractionError("tenant_id must be 1 to 64 bytes", code=Code.INVALID_EVENT,

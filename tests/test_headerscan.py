@@ -1,0 +1,206 @@
+"""The fast header scan agrees with pydicom, value by value, or declines the file.
+
+Every comparison runs ``extract`` twice on the same file: once as shipped (the scan, with
+pydicom for what it declines) and once with the scan switched off (pydicom only, the
+reference). Records, or error code, field and message, must be identical.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from collections.abc import Iterator
+from unittest import mock
+
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from schemas import extract as extract_module
+from schemas.extract import _SCAN_TAGS, extract, looks_truncated
+from schemas.headerscan import ScannedHeader, scan_bytes, scan_file
+from tests.conftest import bundled_dicom_files
+
+NOW = datetime(2026, 1, 2, 3, 4, 5)
+
+
+@contextmanager
+def pydicom_only() -> Iterator[None]:
+    with mock.patch.object(extract_module, "scan_file", return_value=None):
+        yield
+
+
+def outcome(result: Any) -> Any:
+    if isinstance(result, extract_module.Extracted):
+        return result
+    return (type(result).__name__, str(result.code), result.field, result.message)
+
+
+def both(path: Path) -> tuple[Any, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = outcome(extract(path, "t-scan", trace_id="tr", now=NOW))
+        with pydicom_only():
+            ref = outcome(extract(path, "t-scan", trace_id="tr", now=NOW))
+    return fast, ref
+
+
+@pytest.mark.parametrize("path", bundled_dicom_files(), ids=lambda p: p.name)
+def test_bundled_files_agree(path: Path) -> None:
+    fast, ref = both(path)
+    assert fast == ref
+
+
+def test_scan_reads_the_common_layouts_itself() -> None:
+    """The shortcut must actually be taken for ordinary files, or it buys nothing."""
+    names = {p.name: p for p in bundled_dicom_files()}
+    for name in ("CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm",
+                 "JPEG2000-embedded-sequence-delimiter.dcm"):
+        assert isinstance(scan_file(names[name], _SCAN_TAGS), ScannedHeader), name
+    # Big endian and files without a preamble are pydicom's.
+    for name in ("MR_small_bigendian.dcm", "ExplVR_LitEndNoMeta.dcm"):
+        assert scan_file(names[name], _SCAN_TAGS) is None, name
+
+
+def test_truncated_and_cut_files_are_declined(tmp_path: Path, ct_small: Path) -> None:
+    data = ct_small.read_bytes()
+    declined = 0
+    for cut in range(100, 6000, 37):
+        target = tmp_path / f"cut{cut}.dcm"
+        target.write_bytes(data[:cut])
+        if looks_truncated(target):  # cut mid-element, not between two elements
+            assert scan_file(target, _SCAN_TAGS) is None, cut
+            declined += 1
+        fast, ref = both(target)
+        assert fast == ref, cut
+    assert declined > 50
+
+
+def test_undefined_length_sequences_are_skipped() -> None:
+    ds = _base(ExplicitVRLittleEndian)
+    item = Dataset()
+    item.PatientID = "INNER"  # must not leak into the top level
+    item.ReferencedSOPInstanceUID = "1.2.3"
+    ds.ReferencedImageSequence = [item, item]
+    data = _encode(ds, ExplicitVRLittleEndian)
+    scanned = scan_bytes(data, _SCAN_TAGS)
+    assert scanned is not None
+    assert scanned.value(tag_for_keyword("PatientID")) == "PID-1"
+
+
+def test_missing_file_errors_are_unchanged(tmp_path: Path) -> None:
+    fast, ref = both(tmp_path / "absent.dcm")
+    assert fast == ref
+    assert fast[1] == "FILE_MISSING"
+
+
+# ------------------------------------------------------------------------------------------ generated files
+
+
+def _base(ts: str) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = "1.2.3.4.5"
+    ds.StudyInstanceUID = "1.2.3.4"
+    ds.SeriesInstanceUID = "1.2.3.4.6"
+    ds.PatientID = "PID-1"
+    ds.StudyDate = "20240102"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def _encode(ds: Dataset, ts: str) -> bytes:
+    buf = DicomBytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+_LONG = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+
+
+def _element(tag: int, vr: str, value: bytes, implicit: bool) -> bytes:
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    if implicit:
+        return head + struct.pack("<I", len(value)) + value
+    if vr in _LONG:
+        return head + vr.encode() + b"\0\0" + struct.pack("<I", len(value)) + value
+    return head + vr.encode() + struct.pack("<H", len(value)) + value
+
+
+_KEYWORDS = [k for k in extract_module._TAGS if isinstance(k, str) and k != "SpecificCharacterSet"]
+_CHARSETS = [None, "ISO_IR 100", "ISO_IR 192", "ISO 2022 IR 87", "ISO_IR 144", "GB18030", "ISO_IR 6",
+             "\\ISO 2022 IR 100", "NOT A CHARSET"]
+_ALPHABET = "0123456789.+-eE ^=\\\x00ABCZabcz \t/éß中\x1b$B()"
+
+_values = st.one_of(
+    st.text(alphabet=_ALPHABET, max_size=24).map(lambda s: s.encode("utf-8")),
+    st.text(alphabet=_ALPHABET, max_size=24).map(lambda s: s.encode("latin-1", "replace")),
+    st.from_regex(r"\A *[+-]?[0-9]{0,4}(\.[0-9]{0,3})?([eE][+-]?[0-9])? *(\\ *[+-]?[0-9]{1,3} *)?\Z")
+      .map(str.encode),
+    st.binary(max_size=12),
+)
+
+
+@st.composite
+def _files(draw: st.DrawFn) -> bytes:
+    implicit = draw(st.booleans())
+    ts = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    ds = _base(ts)
+    charset = draw(st.sampled_from(_CHARSETS))
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
+    for keyword in draw(st.lists(st.sampled_from(["PatientID", "StudyInstanceUID", "StudyDate"]), max_size=2,
+                                 unique=True)):
+        delattr(ds, keyword)
+    data = _encode(ds, ts)
+    extra = b""
+    for keyword in draw(st.lists(st.sampled_from(_KEYWORDS), max_size=8, unique=True)):
+        tag = tag_for_keyword(keyword)
+        if tag is None or keyword in ds:
+            continue
+        vr = dictionary_VR(tag)
+        if not implicit and draw(st.integers(0, 5)) == 0:
+            vr = draw(st.sampled_from(["LO", "UN", "CS", "DS", "US", "SH", "UT"]))
+        value = draw(_values)
+        if vr == "US" and draw(st.booleans()):
+            count = draw(st.integers(1, 3))
+            value = struct.pack(f"<{count}H", *draw(st.lists(st.integers(0, 65535), min_size=count,
+                                                              max_size=count)))
+        extra += _element(tag, vr, value, implicit)
+    return data + extra
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blob=_files())
+def test_generated_files_agree(blob: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "gen.dcm"
+    path.write_bytes(blob)
+    fast, ref = both(path)
+    assert fast == ref
+
+
+def test_generated_files_take_the_fast_path(tmp_path: Path) -> None:
+    ds = _base(ImplicitVRLittleEndian)
+    ds.PatientName = "Doe^Jane"
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.Rows = 512
+    data = _encode(ds, ImplicitVRLittleEndian)
+    scanned = scan_bytes(data, _SCAN_TAGS)
+    assert scanned is not None and scanned.implicit
+    assert scanned.value(tag_for_keyword("PatientName")) == "Doe^Jane"
+    assert scanned.value(tag_for_keyword("Rows")) == 512
+    assert scanned.value(tag_for_keyword("ImageOrientationPatient")) == ["1", "0", "0", "0", "1", "0"]
+    parsed = pydicom.dcmread(DicomBytesIO(data))
+    assert str(parsed.PatientName) == "Doe^Jane"
