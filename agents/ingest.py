@@ -23,8 +23,9 @@ from typing import Any
 from faust.types import EventT, StreamT
 
 from agents.gaps import GapGuard
+from agents.lanes import LaneSender
 from agents.sink_support import batches
-from schemas.fanout import Outcome, process_many
+from schemas.fanout import Outcome, Output, process_many
 from streams.app import app, settings
 from streams.topics import BY_NAME, storage
 
@@ -110,17 +111,29 @@ async def ingest(stream: StreamT[Any]) -> None:
             items.append(_item(e))
         failed = 0
         done = 0
+        sender: LaneSender[Output] = LaneSender(_send, _lane)
         async for chunk in _outcomes(items):
             for item, outcome in zip(items[done:done + len(chunk)], chunk, strict=True):
-                failed += await _emit(item, outcome)
+                for out in outcome.outputs:
+                    sender.add(out)
+                failed += _account(item, outcome)
             done += len(chunk)
-        log.info("ingest batch events=%s dead_lettered=%s elapsed_s=%.3f", len(items), failed, loop.time() - started)
+        lanes = sender.lanes
+        await sender.drain()
+        log.info("ingest batch events=%s dead_lettered=%s lanes=%s elapsed_s=%.3f", len(items), failed, lanes,
+                 loop.time() - started)
 
 
-async def _emit(item: tuple[bytes, bytes | None, dict[str, Any]], outcome: Outcome) -> int:
-    """Send one event's outputs; 1 if it was dead-lettered."""
-    for out in outcome.outputs:
-        await BY_NAME[out.topic].send(key=out.key, value=out.value)
+async def _send(out: Output) -> None:
+    await BY_NAME[out.topic].send(key=out.key, value=out.value)
+
+
+def _lane(out: Output) -> tuple[str, bytes | None]:
+    return out.topic, out.key
+
+
+def _account(item: tuple[bytes, bytes | None, dict[str, Any]], outcome: Outcome) -> int:
+    """Log and count one event's outcome; 1 if it was dead-lettered."""
     if outcome.error is None:
         log.debug("ingested trace_id=%s offset=%s", outcome.trace_id, item[2]["offset"])
         return 0
