@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.tag import BaseTag, Tag
+from pydicom.tag import Tag
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -70,6 +70,7 @@ from schemas.codec import format_datetime
 from schemas.contract import validate_event
 from schemas.dicomvalues import accession_fallback, parse_da, uid_hash
 from schemas.extract import TENANT_PRIVATE_TAG
+from schemas.headerscan import ScannedHeader, scan_bytes, scan_file
 from schemas.records import series_key
 
 if TYPE_CHECKING:
@@ -130,10 +131,10 @@ NOT_AUTHORISED = 0x0124
 # A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE not recognised.
 _RJ_PERMANENT, _RJ_SERVICE_USER, _RJ_CALLING_AE = 0x01, 0x01, 0x03
 
-_HEADER_TAGS: list[BaseTag] = [Tag(t) for t in (
-    "SpecificCharacterSet", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
-    "SOPInstanceUID", "StudyDate", "AccessionNumber", "NumberOfFrames", TENANT_PRIVATE_TAG,
-)]
+_PATIENT_ID, _STUDY_DATE, _ACCESSION = 0x00100020, 0x00080020, 0x00080050
+_STUDY_UID, _SERIES_UID, _SOP_UID, _FRAMES = 0x0020000D, 0x0020000E, 0x00080018, 0x00280008
+_HEADER_TAGS: tuple[int, ...] = (0x00080005, _PATIENT_ID, _STUDY_UID, _SERIES_UID, _SOP_UID, _STUDY_DATE,
+                                 _ACCESSION, _FRAMES, TENANT_PRIVATE_TAG)
 _REQUIRED_EVENT_FIELDS = frozenset({"tenant_id", "file_path", "trace_id"})
 
 
@@ -174,8 +175,10 @@ def _value_text(value: Any) -> str | None:
     return text or None
 
 
-def _text(ds: Dataset, tag: int | str, *, required: bool = False) -> str | None:
+def _text(ds: Dataset | ScannedHeader, tag: int, *, required: bool = False) -> str | None:
     try:
+        if isinstance(ds, ScannedHeader):
+            return _value_text(ds.value(tag))
         elem = ds.get(tag)
         return None if elem is None else _value_text(ds[tag].value)
     except Exception:
@@ -185,24 +188,32 @@ def _text(ds: Dataset, tag: int | str, *, required: bool = False) -> str | None:
         return None
 
 
+def _read(source: Path | bytes) -> Dataset | ScannedHeader:
+    scanned = scan_bytes(source, _HEADER_TAGS) if isinstance(source, bytes) else scan_file(source, _HEADER_TAGS)
+    if scanned is not None:
+        return scanned
+    fp: Any = BytesIO(source) if isinstance(source, bytes) else source
+    return pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=[Tag(t) for t in _HEADER_TAGS])
+
+
 def read_instance_header(source: Path | bytes) -> InstanceHeader:
     """Read the header of a received data set (a Part 10 file or its bytes).
 
+    The fast scan (:mod:`schemas.headerscan`) reads it when it can, pydicom otherwise.
     Raises :class:`ExtractionError` (NOT_DICOM) when the data set cannot be decoded.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fp: Any = BytesIO(source) if isinstance(source, bytes) else source
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            ds = _read(source)
             header = InstanceHeader(
-                patient_id=_text(ds, "PatientID"),
-                study_uid=_text(ds, "StudyInstanceUID", required=True),
-                series_uid=_text(ds, "SeriesInstanceUID", required=True),
-                sop_uid=_text(ds, "SOPInstanceUID", required=True),
-                study_date=_text(ds, "StudyDate"),
-                accession_number=_text(ds, "AccessionNumber"),
-                number_of_frames=_positive_int(_text(ds, "NumberOfFrames")),
+                patient_id=_text(ds, _PATIENT_ID),
+                study_uid=_text(ds, _STUDY_UID, required=True),
+                series_uid=_text(ds, _SERIES_UID, required=True),
+                sop_uid=_text(ds, _SOP_UID, required=True),
+                study_date=_text(ds, _STUDY_DATE),
+                accession_number=_text(ds, _ACCESSION),
+                number_of_frames=_positive_int(_text(ds, _FRAMES)),
                 private_tenant=_text(ds, TENANT_PRIVATE_TAG),
             )
     except Exception as exc:  # pydicom raises many types on corrupt input
