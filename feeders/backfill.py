@@ -43,10 +43,16 @@ class BackfillSummary:
 
 
 def iter_files(root: Path) -> Iterator[Path]:
-    """Every regular file below root, in a stable order (symlinks are not followed)."""
+    """Every regular file below root, in a stable order (symlinks are not followed).
+
+    Dot-entries are skipped: they are work in progress (the SCP's spool directory, its
+    ``.name.part`` temporaries and ``.prev`` safety copies), never stored instances.
+    """
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
+            if name.startswith("."):
+                continue
             path = Path(dirpath) / name
             if path.is_file() and not path.is_symlink():
                 yield path

@@ -26,9 +26,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import signal
 import ssl
+import tempfile
 import threading
 import time
 import uuid
@@ -60,6 +62,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomflow.errors import BrokerError, Code, ConfigError, ContractError, ExtractionError
@@ -120,6 +123,9 @@ STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
     JPEG2000,
     RLELossless,
 )
+
+#: pynetdicom's spool files, inside the storage root so that placing one is a link.
+SPOOL_DIR = ".spool"
 
 # DIMSE statuses (PS3.4 Annex B.2.3 / PS3.7 Annex C).
 SUCCESS = 0x0000
@@ -335,8 +341,13 @@ class LoopBridge:
         self.loop = loop
         self.timeout_s = timeout_s
 
-    def publish(self, publisher: Publisher, event: dict[str, Any], key: str | None) -> None:
-        """Publish and wait for the acknowledgement; :class:`BrokerError` on any failure."""
+    def publish(self, publisher: Publisher, event: dict[str, Any], key: str | None,
+                meanwhile: Callable[[], None] | None = None) -> None:
+        """Publish and wait for the acknowledgement; :class:`BrokerError` on any failure.
+
+        ``meanwhile`` runs on this thread while the broker acknowledges (the SCP syncs
+        the stored file's directory there); its exception is raised after the wait.
+        """
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -350,6 +361,12 @@ class LoopBridge:
         except RuntimeError as exc:  # the loop is closed
             coro.close()
             raise BrokerError(f"publisher event loop unavailable: {exc}") from exc
+        side_error: BaseException | None = None
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException as exc:  # raised once the publish has settled
+                side_error = exc
         try:
             fut.result(self.timeout_s)
         except concurrent.futures.TimeoutError:
@@ -363,6 +380,8 @@ class LoopBridge:
             raise
         except Exception as exc:
             raise BrokerError(f"publish failed: {type(exc).__name__}: {exc}") from exc
+        if side_error is not None:
+            raise side_error
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -525,7 +544,9 @@ def handle_store(event: Event, deps: StoreDeps) -> int:
             placement=placement, trace_id=trace_id, worker_node_id=deps.worker_node_id,
             source_ip=ip, source_ae=calling, transfer_syntax_uid=transfer_syntax, now=datetime.now(),
         ), trace_id)
-        deps.bridge.publish(deps.publisher, record, series_key(tenant, study_uid, series_uid))
+        # The directory fsync that makes the new name durable overlaps the broker round trip.
+        deps.bridge.publish(deps.publisher, record, series_key(tenant, study_uid, series_uid),
+                            meanwhile=placement.sync)
     except BrokerError as exc:
         _revoke(placement, trace_id)
         log.error("store failed trace_id=%s reason=broker path=%s elapsed_ms=%.1f error=%s", trace_id,
@@ -536,6 +557,10 @@ def handle_store(event: Event, deps: StoreDeps) -> int:
         log.warning("store refused trace_id=%s reason=contract field=%s error=%s", trace_id, exc.field,
                     exc.message)
         return CANNOT_UNDERSTAND
+    except OSError as exc:  # the directory sync failed: the name may not survive a crash
+        _revoke(placement, trace_id)
+        log.error("store failed trace_id=%s reason=sync path=%s error=%s", trace_id, relpath, exc)
+        return OUT_OF_RESOURCES
     except BaseException:
         _revoke(placement, trace_id)
         raise
@@ -557,9 +582,10 @@ class StorageSCP:
     blocks until associations end, so from a coroutine use ``await aclose()``.
 
     ``spool_to_disk`` sets pynetdicom's process-wide ``STORE_RECV_CHUNKED_DATASET``
-    while the SCP runs (restored by ``stop()``). The spool files go to
-    :func:`tempfile.gettempdir`; point ``TMPDIR`` at the storage filesystem to turn
-    the final placement into a rename instead of a copy.
+    while the SCP runs (restored by ``stop()``), and spools into
+    ``{storage_root}/.spool`` rather than the system temp directory: on the storage
+    filesystem the final placement is a hard link, not a copy (readers of the storage
+    root skip dot-entries).
     """
 
     def __init__(self, config: ScpConfig, publisher: Publisher) -> None:
@@ -567,6 +593,7 @@ class StorageSCP:
         self.publisher = publisher
         self._server: ThreadedAssociationServer | None = None
         self._saved_chunked: bool | None = None
+        self._saved_spool: Any = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -609,6 +636,8 @@ class StorageSCP:
         ae = build_ae(config)
         self._saved_chunked = _config.STORE_RECV_CHUNKED_DATASET
         _config.STORE_RECV_CHUNKED_DATASET = config.spool_to_disk
+        if config.spool_to_disk:
+            self._spool_into(config.storage_root / SPOOL_DIR)
         try:
             server = ae.start_server((config.host, config.port), block=False, evt_handlers=handlers,
                                      ssl_context=ssl_context)
@@ -652,10 +681,23 @@ class StorageSCP:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    def _spool_into(self, folder: Path) -> None:
+        # pynetdicom creates its spool files with a bare NamedTemporaryFile(); give it a
+        # directory. Process-wide, like STORE_RECV_CHUNKED_DATASET itself.
+        if not hasattr(_dimse_messages, "NamedTemporaryFile"):
+            log.warning("pynetdicom spools to the system temp directory: no NamedTemporaryFile hook")
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        self._saved_spool = _dimse_messages.NamedTemporaryFile
+        _dimse_messages.NamedTemporaryFile = functools.partial(tempfile.NamedTemporaryFile, dir=folder)
+
     def _restore_config(self) -> None:
         if self._saved_chunked is not None:
             _config.STORE_RECV_CHUNKED_DATASET = self._saved_chunked
             self._saved_chunked = None
+        if self._saved_spool is not None:
+            _dimse_messages.NamedTemporaryFile = self._saved_spool
+            self._saved_spool = None
 
 
 async def serve(settings: Settings, *, broker_url: str | None = None, profile: BrokerProfile | None = None,

@@ -6,12 +6,15 @@ Every component is reduced to ``[A-Za-z0-9._-]`` (UIDs and valid tenants pass
 unchanged), so a hostile UID such as ``../../etc`` cannot leave the root; the
 joined path is checked against the root as well, in case a future change forgets.
 
-A placement writes a hidden temporary file in the target directory, fsyncs it,
-renames it over the final name and fsyncs the directory. It stays *revocable*
-until :meth:`Placement.commit`: the SCP answers C-STORE success only once the
-broker has the event, and when that fails :meth:`Placement.rollback` restores
-what was there before (a retransmission of an already stored instance must not
-delete the copy an earlier event already announced) or removes the file.
+A placement fsyncs a complete temporary file (written beside the target, or
+pynetdicom's spool file), then links or renames it to the final name, so the final
+name never shows a partial file. The directory entry is made durable by
+:meth:`Placement.sync`, which the SCP runs while the broker acknowledges the event:
+neither waits for the other, and success is answered only after both. It stays
+*revocable* until :meth:`Placement.commit`: the SCP answers C-STORE success only
+once the broker has the event, and when that fails :meth:`Placement.rollback`
+restores what was there before (a retransmission of an already stored instance must
+not delete the copy an earlier event already announced) or removes the file.
 """
 
 from __future__ import annotations
@@ -76,6 +79,10 @@ class Placement:
     size: int
     _backup: Path | None = None
 
+    def sync(self) -> None:
+        """Make the new directory entry durable (fsync of the directory)."""
+        _fsync_dir(self.path.parent)
+
     def commit(self) -> None:
         """The event is acknowledged: drop the safety copy of any earlier version."""
         backup, self._backup = self._backup, None
@@ -126,7 +133,35 @@ class InstanceStore:
         return self._place(relpath, fill)
 
     def adopt_file(self, relpath: PurePosixPath, source: Path) -> Placement:
-        """Move ``source`` (e.g. pynetdicom's spool file) to ``relpath``; copy across filesystems."""
+        """Move ``source`` (e.g. pynetdicom's spool file) to ``relpath``; copy across filesystems.
+
+        The common case, a new instance spooled on the storage filesystem, is an fsync
+        and a hard link: no second temporary file, and the link fails rather than
+        replacing an instance already there (which then takes the revocable path).
+        """
+        final = self._final(relpath)
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            # The spool file was written by another handle; fsync the data we now own.
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        os.chmod(source, self.file_mode)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, final)
+        except FileExistsError:
+            return self._adopt_by_copy_or_rename(relpath, source)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            return self._adopt_by_copy_or_rename(relpath, source)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(source)
+        return Placement(path=final, relpath=relpath, size=size)
+
+    def _adopt_by_copy_or_rename(self, relpath: PurePosixPath, source: Path) -> Placement:
 
         def fill(tmp: Path) -> None:
             try:
@@ -182,5 +217,4 @@ class InstanceStore:
                 with contextlib.suppress(OSError):
                     backup.unlink()
             raise
-        _fsync_dir(final.parent)
         return Placement(path=final, relpath=relpath, size=size, _backup=backup)
