@@ -47,7 +47,7 @@ import pydicom
 from bench.clones import build_fast
 from bench.common import Figure, figures_table, table, write_result
 from bench.dataset import BenchDataset
-from bench.senders import PacedSend, SendTiming, send_files, send_paced
+from bench.senders import PacedSend, SendTiming, send_paced, send_parallel
 from bench.stack import UpStack, series_rows
 from dicomflow.embedded.ports import free_port
 from tests.harness import REPO
@@ -110,7 +110,7 @@ def _await_ready(proc: subprocess.Popen[str], timeout: float) -> None:
         raise RuntimeError(f"minimal SCP did not start: {line!r}")
 
 
-def _baseline(files: list[Path], rx: Path, sender: str) -> dict[str, Any]:
+def _baseline(files: list[Path], rx: Path, sender: str, associations: int = 1) -> dict[str, Any]:
     port = free_port()
     rx.mkdir(parents=True, exist_ok=True)
     with open(rx.parent / "minimal_scp.log", "w") as err:
@@ -119,7 +119,7 @@ def _baseline(files: list[Path], rx: Path, sender: str) -> dict[str, Any]:
                                 start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         try:
             _await_ready(proc, 60)
-            timing = send_files(files, "127.0.0.1", port, AET, sender=sender)
+            timing = send_parallel(files, "127.0.0.1", port, AET, associations=associations, sender=sender)
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             out, _ = proc.communicate(timeout=30)
@@ -189,10 +189,11 @@ async def _warm_up(stack: UpStack, warm: Study, timeout: float = 120.0) -> float
     return time.monotonic() - started
 
 
-async def _throughput(stack: UpStack, study: Study, sender: str) -> dict[str, Any]:
+async def _throughput(stack: UpStack, study: Study, sender: str, associations: int = 1) -> dict[str, Any]:
     n = len(study.files)
     before, handled = len(_batch_sizes(stack)[1]), len(_handler_ms(stack))
-    timing = await asyncio.to_thread(send_files, study.files, "127.0.0.1", stack.scp_port, AET, sender=sender)
+    timing = await asyncio.to_thread(send_parallel, study.files, "127.0.0.1", stack.scp_port, AET,
+                                     associations=associations, sender=sender)
     if not timing.ok:
         raise RuntimeError(f"send to the stack failed: {timing.detail}")
     visible = await _until_visible(stack.dsn, study, timeout=300 + n / 10)
@@ -268,18 +269,22 @@ async def _latency(stack: UpStack, study: Study, rate: float, window_s: float) -
 
 
 async def _stack_runs(stack: UpStack, warm: Study, tput: Study | None, lat: Study, rate: float, window_s: float,
-                      sender: str) -> tuple[dict[str, Any], dict[str, Any]]:
+                      sender: str, par: Study | None = None,
+                      associations: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
     info: dict[str, Any] = {"startup_s": stack.startup_s, "warm_up_s": await _warm_up(stack, warm)}
     if tput is not None:
         print(f"scp: {len(tput.files)} instances to the stack ...", flush=True)
         info.update(await _throughput(stack, tput, sender))
+    if par is not None:
+        print(f"scp: {len(par.files)} instances to the stack over {associations} associations ...", flush=True)
+        info["parallel"] = await _throughput(stack, par, sender, associations)
     print(f"scp: latency, {len(lat.files)} instances at {rate:g}/s, window {window_s:g} s ...", flush=True)
     latency = await _latency(stack, lat, rate, window_s)
     return info, latency
 
 
 def run_scp(*, instances: int, latency_instances: int, latency_rate: float = 50.0, latency_per_series: int = 100,
-            sender: str = "auto", workdir: Path | None = None) -> ScpResult:
+            sender: str = "auto", associations: int = 4, workdir: Path | None = None) -> ScpResult:
     own = workdir is None
     work = workdir or Path(tempfile.mkdtemp(prefix="dicomflow-bench-scp-"))
     try:
@@ -289,12 +294,17 @@ def run_scp(*, instances: int, latency_instances: int, latency_rate: float = 50.
         lat = Study.of(build_fast(work / "send" / "lat", instances=latency_instances,
                              series=max(1, latency_instances // latency_per_series)))
         warm = Study.of(build_fast(work / "send" / "warm", instances=WARM_INSTANCES, series=1))
+        par = Study.of(build_fast(work / "send" / "par", instances=instances, series=max(1, instances // PER_SERIES))) \
+            if associations > 1 else None
         print("scp: baseline, minimal pynetdicom SCP ...", flush=True)
         baseline = _baseline(tput.files, work / "rx", sender)
+        if par is not None:
+            baseline["parallel"] = _baseline(par.files, work / "rx-par", sender, associations)
         print(f"scp: baseline {baseline['rate']:,.0f}/s with {baseline['sender']}; starting dicomflow up ...",
               flush=True)
         with UpStack(work / "stack-default", TENANT) as stack:
-            info, lat_default = asyncio.run(_stack_runs(stack, warm, tput, lat, latency_rate, 5.0, sender))
+            info, lat_default = asyncio.run(_stack_runs(stack, warm, tput, lat, latency_rate, 5.0, sender, par,
+                                                        associations))
         info["stop_s"], info["scp_killed_at_stop"] = stack.stop_s, stack.scp_killed
         with UpStack(work / "stack-window1", TENANT, {"DICOMFLOW_SERIES_WINDOW_SECONDS": "1"}) as stack1:
             info1, lat_1 = asyncio.run(_stack_runs(stack1, warm, None, lat, latency_rate, 1.0, sender))
@@ -305,7 +315,7 @@ def run_scp(*, instances: int, latency_instances: int, latency_rate: float = 50.
     params = {"instances": instances, "series": len(tput.series_uids), "latency_instances": latency_instances,
               "latency_series": len(lat.series_uids), "latency_rate": latency_rate, "sender": baseline["sender"],
               "stack": "dicomflow up: embedded Tansu + PostgreSQL 16, 1 worker, SCP", "poll_s": POLL_S,
-              "latency_poll_s": LATENCY_POLL_S, "target_ratio": TARGET_RATIO}
+              "latency_poll_s": LATENCY_POLL_S, "target_ratio": TARGET_RATIO, "associations": associations}
     latency = {"5": lat_default, "1": lat_1}
     result = ScpResult(params, baseline, info, latency, _figures(baseline, info, latency))
     result.path = write_result("scp", {"params": params, "baseline": baseline, "stack": info, "latency": latency,
@@ -320,6 +330,15 @@ def _figures(base: dict[str, Any], info: dict[str, Any], latency: dict[str, dict
         Figure("C-STORE receive inst/s (dicomflow SCP)", info["scp_rate"], "inst/s", base["rate"],
                "minimal pynetdicom SCP inst/s"),
     ]
+    if "parallel" in info:
+        bp, sp = base["parallel"], info["parallel"]
+        assoc = sp["sender"].rsplit("x", 1)[-1]
+        figures += [
+            Figure(f"C-STORE -> PostgreSQL inst/s, {assoc} associations", sp["rate"], "inst/s", bp["rate"],
+                   f"minimal SCP inst/s, {assoc} assoc."),
+            Figure(f"C-STORE receive inst/s, {assoc} associations", sp["scp_rate"], "inst/s", bp["rate"],
+                   f"minimal SCP inst/s, {assoc} assoc."),
+        ]
     for key, lat in latency.items():
         for q in ("p50", "p95"):
             figures.append(Figure(f"C-STORE rsp -> PG row {q} (window {key} s)", lat[f"{q}_s"], "s"))
@@ -336,6 +355,12 @@ def report(r: ScpResult) -> str:
             ["minimal pynetdicom SCP: send start -> last response", b["seconds"], b["rate"]],
             ["dicomflow up: send start -> last response", s["seconds"], s["scp_rate"]],
             ["dicomflow up: send start -> all rows in PostgreSQL", s["send_to_visible_s"], s["rate"]],
+            *([[f"minimal SCP, {b['parallel']['sender']}: send start -> last response", b["parallel"]["seconds"],
+                b["parallel"]["rate"]],
+               [f"dicomflow up, {s['parallel']['sender']}: send start -> last response", s["parallel"]["seconds"],
+                s["parallel"]["scp_rate"]],
+               [f"dicomflow up, {s['parallel']['sender']}: send start -> all rows", s["parallel"]["send_to_visible_s"],
+                s["parallel"]["rate"]]] if "parallel" in s else []),
         ]),
         f"stack: up {s['startup_s']:.1f} s, worker Ready + {WARM_INSTANCES} warm-up instances ingested "
         f"{s['warm_up_s']:.1f} s, last response -> all rows {s['last_response_to_visible_s']:.1f} s",
@@ -356,11 +381,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-rate", type=float, default=50.0, help="instances/s of the paced latency send")
     parser.add_argument("--latency-per-series", type=int, default=100)
     parser.add_argument("--sender", choices=["auto", "storescu", "pynetdicom"], default="auto")
+    parser.add_argument("--associations", type=int, default=4,
+                        help="also send the same number of instances over this many concurrent associations (1: skip)")
     parser.add_argument("--workdir", type=Path, help="keep data here (default: a temp dir, removed)")
     args = parser.parse_args(argv)
     print(report(run_scp(instances=args.instances, latency_instances=args.latency_instances,
                          latency_rate=args.latency_rate, latency_per_series=args.latency_per_series,
-                         sender=args.sender, workdir=args.workdir)))
+                         sender=args.sender, associations=args.associations, workdir=args.workdir)))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import pydicom
 from dicomflow.errors import BrokerError, ConfigError
 from feeders.publisher import EventPublisher
 from schemas import codec
+from schemas.headerscan import scan_file
 from schemas.identity import trace_id_for
 from schemas.records import series_key
 
@@ -31,6 +32,8 @@ __all__ = ["BackfillSummary", "iter_files", "event_for", "backfill"]
 log = logging.getLogger(__name__)
 
 _ID_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"]
+_ID_TAG_NUMBERS = {"StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E, "SOPInstanceUID": 0x00080018,
+                   "PatientID": 0x00100020}
 
 
 @dataclass
@@ -59,6 +62,17 @@ def iter_files(root: Path) -> Iterator[Path]:
 
 
 def _ids(path: Path) -> dict[str, str]:
+    try:
+        scanned = scan_file(path, _ID_TAG_NUMBERS.values())
+    except (OSError, ValueError):
+        scanned = None
+    if scanned is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return {k: str(scanned.value(t) or "").strip() for k, t in _ID_TAG_NUMBERS.items()}
+            except Exception:
+                pass  # pydicom's reading below decides
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

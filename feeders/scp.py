@@ -689,7 +689,8 @@ class StorageSCP:
             return
         folder.mkdir(parents=True, exist_ok=True)
         self._saved_spool = _dimse_messages.NamedTemporaryFile
-        _dimse_messages.NamedTemporaryFile = functools.partial(tempfile.NamedTemporaryFile, dir=folder)
+        _dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment]
+            tempfile.NamedTemporaryFile, dir=folder)
 
     def _restore_config(self) -> None:
         if self._saved_chunked is not None:

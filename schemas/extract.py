@@ -33,11 +33,12 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
 from dicomflow.errors import Code, ExtractionError, FileAccessError
-from schemas.headerscan import ScannedHeader, scan_file
 from schemas.dicomvalues import accession_fallback, parse_da, parse_tm, uid_hash
+from schemas.headerscan import ScannedHeader, scan_file
 from schemas.records import DicomImageMeta, DicomObjectMeta, DicomStateMeta
 
-__all__ = ["Extracted", "Header", "extract", "read_header", "read_fast", "looks_truncated", "DEFAULT_TRANSFER_SYNTAX", "TENANT_PRIVATE_TAG"]
+__all__ = ["Extracted", "Header", "extract", "read_header", "read_fast", "looks_truncated", "DEFAULT_TRANSFER_SYNTAX",
+           "TENANT_PRIVATE_TAG"]
 
 DEFAULT_TRANSFER_SYNTAX = "1.2.840.10008.1.2"
 #: The seeds' private tag carrying a tenant id (used by the SCP when configured).

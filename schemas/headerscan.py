@@ -107,7 +107,7 @@ class ScannedHeader:
         if self._fallback is None:
             ds = Dataset()
             for t, (vr, raw, tell) in self.elements.items():
-                ds._dict[BaseTag(t)] = RawDataElement(BaseTag(t), None if self.implicit else vr, len(raw), raw,
+                ds[BaseTag(t)] = RawDataElement(BaseTag(t), None if self.implicit else vr, len(raw), raw,
                                                       tell, self.implicit, True)
             self._fallback = ds
         return self._fallback[BaseTag(tag)].value

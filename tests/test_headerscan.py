@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import struct
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator
 from unittest import mock
 
 import pydicom
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from schemas import extract as extract_module
 from schemas.extract import _SCAN_TAGS, extract, looks_truncated
@@ -31,6 +31,12 @@ from schemas.headerscan import ScannedHeader, scan_bytes, scan_file
 from tests.conftest import bundled_dicom_files
 
 NOW = datetime(2026, 1, 2, 3, 4, 5)
+
+
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    return tag
 
 
 @contextmanager
@@ -94,7 +100,7 @@ def test_undefined_length_sequences_are_skipped() -> None:
     data = _encode(ds, ExplicitVRLittleEndian)
     scanned = scan_bytes(data, _SCAN_TAGS)
     assert scanned is not None
-    assert scanned.value(tag_for_keyword("PatientID")) == "PID-1"
+    assert scanned.value(_tag("PatientID")) == "PID-1"
 
 
 def test_missing_file_errors_are_unchanged(tmp_path: Path) -> None:
@@ -115,9 +121,9 @@ def _base(ts: str) -> Dataset:
     ds.PatientID = "PID-1"
     ds.StudyDate = "20240102"
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ts
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = UID(ts)
+    ds.file_meta.MediaStorageSOPClassUID = UID(ds.SOPClassUID)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(ds.SOPInstanceUID)
     return ds
 
 
@@ -199,8 +205,8 @@ def test_generated_files_take_the_fast_path(tmp_path: Path) -> None:
     data = _encode(ds, ImplicitVRLittleEndian)
     scanned = scan_bytes(data, _SCAN_TAGS)
     assert scanned is not None and scanned.implicit
-    assert scanned.value(tag_for_keyword("PatientName")) == "Doe^Jane"
-    assert scanned.value(tag_for_keyword("Rows")) == 512
-    assert scanned.value(tag_for_keyword("ImageOrientationPatient")) == ["1", "0", "0", "0", "1", "0"]
+    assert scanned.value(_tag("PatientName")) == "Doe^Jane"
+    assert scanned.value(_tag("Rows")) == 512
+    assert scanned.value(_tag("ImageOrientationPatient")) == ["1", "0", "0", "0", "1", "0"]
     parsed = pydicom.dcmread(DicomBytesIO(data))
     assert str(parsed.PatientName) == "Doe^Jane"

@@ -37,6 +37,7 @@ from feeders.scp import (
     CANNOT_UNDERSTAND,
     DATASET_MISMATCH,
     OUT_OF_RESOURCES,
+    SPOOL_DIR,
     SUCCESS,
     LoopBridge,
     ScpConfig,
@@ -227,6 +228,9 @@ async def test_multi_series_study_is_stored_and_published(
     assert summary.succeeded == 6 and summary.failed == 0, summary.failures
     # Spooled data sets are moved from pynetdicom's spool file, never loaded into memory.
     assert used == ["adopt_file" if spool_to_disk else "write_bytes"] * 6
+    if spool_to_disk:
+        # pynetdicom spooled inside the storage root (so placing was a link), and left nothing there.
+        assert (root / SPOOL_DIR).is_dir() and not any((root / SPOOL_DIR).iterdir())
     assert summary.statuses == {SUCCESS: 6}
     for series_uid, sops in study.series.items():
         for sop in sops:
@@ -614,15 +618,41 @@ def test_adopt_file_copies_across_filesystems(tmp_path: Path, monkeypatch: pytes
     spool.write_bytes(b"payload")
     real_replace = os.replace
 
-    def cross_device(src: Any, dst: Any) -> None:
+    def cross_device(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def replace(src: Any, dst: Any) -> None:
         if Path(src) == spool:
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
+            cross_device(src, dst)
         real_replace(src, dst)
 
-    monkeypatch.setattr(os, "replace", cross_device)
+    monkeypatch.setattr(os, "link", cross_device)
+    monkeypatch.setattr(os, "replace", replace)
     store = InstanceStore(tmp_path / "root")
     placement = store.adopt_file(store.relpath("t", None, "1", "2", "3"), spool)
     assert placement.path.read_bytes() == b"payload" and placement.size == 7
+
+
+def test_adopt_file_links_a_new_instance_and_keeps_an_announced_one(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path / "root")
+    rel = store.relpath("t", "20240101", "1.2", "1.3", "1.4")
+    first = tmp_path / "spool-1.dcm"
+    first.write_bytes(b"first")
+    placed = store.adopt_file(rel, first)
+    placed.sync()
+    placed.commit()
+    # A new instance is linked into place: the spool name is gone, one name remains.
+    assert not first.exists()
+    assert placed.path.read_bytes() == b"first" and placed.path.stat().st_nlink == 1
+    assert oct(placed.path.stat().st_mode & 0o777) == oct(0o640)
+    # A retransmission of the same instance replaces it revocably: rollback restores the first copy.
+    second = tmp_path / "spool-2.dcm"
+    second.write_bytes(b"second")
+    again = store.adopt_file(rel, second)
+    assert again.path.read_bytes() == b"second"
+    again.rollback()
+    assert placed.path.read_bytes() == b"first"
+    assert files_under(tmp_path / "root") == [placed.path]
 
 
 # ----------------------------------------------------------------------------- other clients
