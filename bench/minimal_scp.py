@@ -8,11 +8,17 @@ answers 0x0000. No header parse, no broker. Run as its own process, as ``dicomfl
 
 It prints ``ready`` once listening; on SIGTERM it prints one JSON line: instances received,
 and the CLOCK_MONOTONIC times (comparable across processes) of the first and last store.
+
+With ``--durable`` it stores the way issue #6 requires and nothing more: a temporary file,
+fsync, rename, fsync of the directory, then the answer. No header parse, no broker. It
+measures what durability alone costs per instance on this disk, the floor under any SCP
+that must not answer success for an instance a crash could lose.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 import time
@@ -27,8 +33,9 @@ __all__ = ["main"]
 
 
 class _Sink:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, durable: bool = False) -> None:
         self.folder = folder
+        self.durable = durable
         self.count = 0
         self.first: float | None = None
         self.last: float | None = None
@@ -39,7 +46,21 @@ class _Sink:
         with self.lock:
             self.count += 1
             n = self.count
-        (self.folder / f"{n:06d}.dcm").write_bytes(data)
+        final = self.folder / f"{n:06d}.dcm"
+        if self.durable:
+            tmp = final.with_name(f".{final.name}.part")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, final)
+            fd = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            final.write_bytes(data)
         now = time.monotonic()
         with self.lock:
             self.first = now if self.first is None else self.first
@@ -52,9 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--aet", default="DICOMFLOW")
+    parser.add_argument("--durable", action="store_true", help="temp file, fsync, rename, fsync the directory")
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
-    sink = _Sink(args.dir)
+    sink = _Sink(args.dir, args.durable)
     ae = AE(ae_title=args.aet)
     ae.require_called_aet = False
     syntaxes = list(AllTransferSyntaxes)

@@ -5,7 +5,9 @@ Same files, same sender (dcmtk ``storescu`` with TCP_NODELAY=1 if installed, els
 
 1. **Baseline**: ``bench.minimal_scp`` (pynetdicom, every storage context, the handler only
    writes ``event.encoded_dataset()`` to disk), its own process. Rate = N / (sender start ->
-   last C-STORE response, i.e. the sender's exit).
+   last C-STORE response, i.e. the sender's exit). Also the same SCP with ``--durable``
+   (temp file, fsync, rename, directory fsync): the floor that issue #6's durability rule
+   puts under any SCP on this disk, before any parsing or broker round trip.
 2. **Full stack**: ``dicomflow up`` (embedded Tansu and PostgreSQL, one worker, the SCP) in a
    fresh home, warmed up with one small series until its row is in PostgreSQL. Then the
    same N files: rate = N / (sender start -> every row visible in ``dicom_state_meta``: the
@@ -110,12 +112,14 @@ def _await_ready(proc: subprocess.Popen[str], timeout: float) -> None:
         raise RuntimeError(f"minimal SCP did not start: {line!r}")
 
 
-def _baseline(files: list[Path], rx: Path, sender: str, associations: int = 1) -> dict[str, Any]:
+def _baseline(files: list[Path], rx: Path, sender: str, associations: int = 1,
+              durable: bool = False) -> dict[str, Any]:
     port = free_port()
     rx.mkdir(parents=True, exist_ok=True)
     with open(rx.parent / "minimal_scp.log", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "bench.minimal_scp", "--port", str(port), "--dir", str(rx),
-                                 "--aet", AET], cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True,
+                                 "--aet", AET, *(["--durable"] if durable else [])],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True,
                                 start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         try:
             _await_ready(proc, 60)
@@ -298,6 +302,7 @@ def run_scp(*, instances: int, latency_instances: int, latency_rate: float = 50.
             if associations > 1 else None
         print("scp: baseline, minimal pynetdicom SCP ...", flush=True)
         baseline = _baseline(tput.files, work / "rx", sender)
+        baseline["durable"] = _baseline(tput.files, work / "rx-durable", sender, durable=True)
         if par is not None:
             baseline["parallel"] = _baseline(par.files, work / "rx-par", sender, associations)
         print(f"scp: baseline {baseline['rate']:,.0f}/s with {baseline['sender']}; starting dicomflow up ...",
@@ -329,6 +334,12 @@ def _figures(base: dict[str, Any], info: dict[str, Any], latency: dict[str, dict
                "minimal pynetdicom SCP inst/s", f">= {TARGET_RATIO} x", info["rate"] / base["rate"] >= TARGET_RATIO),
         Figure("C-STORE receive inst/s (dicomflow SCP)", info["scp_rate"], "inst/s", base["rate"],
                "minimal pynetdicom SCP inst/s"),
+        Figure("durability floor: minimal SCP + fsync/rename", base["durable"]["rate"], "inst/s", base["rate"],
+               "minimal pynetdicom SCP inst/s"),
+        Figure("C-STORE receive inst/s (dicomflow SCP)", info["scp_rate"], "inst/s", base["durable"]["rate"],
+               "minimal SCP + fsync/rename inst/s"),
+        Figure("C-STORE -> PostgreSQL inst/s (full stack)", info["rate"], "inst/s", base["durable"]["rate"],
+               "minimal SCP + fsync/rename inst/s"),
     ]
     if "parallel" in info:
         bp, sp = base["parallel"], info["parallel"]
@@ -353,6 +364,8 @@ def report(r: ScpResult) -> str:
         f"scp: {r.params['instances']} instances in {r.params['series']} series, sender {b['sender']}",
         table(["run", "s", "inst/s"], [
             ["minimal pynetdicom SCP: send start -> last response", b["seconds"], b["rate"]],
+            ["minimal SCP + temp file, fsync, rename, dir fsync: -> last response", b["durable"]["seconds"],
+             b["durable"]["rate"]],
             ["dicomflow up: send start -> last response", s["seconds"], s["scp_rate"]],
             ["dicomflow up: send start -> all rows in PostgreSQL", s["send_to_visible_s"], s["rate"]],
             *([[f"minimal SCP, {b['parallel']['sender']}: send start -> last response", b["parallel"]["seconds"],

@@ -193,15 +193,26 @@ def scp(port: int | None, aet: str | None, broker: str | None) -> None:
 @click.option("--port", type=int, default=None, help="SCP port (default DICOMFLOW_SCP_PORT or 11112).")
 @click.option("--aet", default=None, help="Called AE title (default DICOMFLOW_SCP_AET or DICOMFLOW).")
 @click.option("--calling-aet", default="DICOMFLOW_SCU", show_default=True)
+@click.option("--tls", is_flag=True, help="Use TLS; the SCP's certificate is verified against the system CAs.")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Trust this CA bundle (or the SCP's self-signed certificate) instead; implies --tls.")
+@click.option("--tls-server-name", help="Name the SCP's certificate must carry (default: --host).")
 @click.option("--no-progress", is_flag=True)
 def send(paths: tuple[Path, ...], host: str, port: int | None, aet: str | None, calling_aet: str,
-         no_progress: bool) -> None:
+         tls: bool, tls_ca: Path | None, tls_server_name: str | None, no_progress: bool) -> None:
     """Send files or folders to a C-STORE SCP over one association."""
+    import ssl
+
     from feeders.scu import send_paths
 
     settings = _settings()
+    context: ssl.SSLContext | None = None
+    if tls or tls_ca is not None:
+        context = ssl.create_default_context(cafile=str(tls_ca) if tls_ca else None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
     summary = _run_or_exit(lambda: send_paths(paths, host, port or settings.scp_port, aet or settings.scp_aet,
-                                              calling_aet, progress=not no_progress))
+                                              calling_aet, progress=not no_progress, ssl_context=context,
+                                              server_hostname=tls_server_name))
     click.echo(f"send: {summary}")
     sys.exit(0 if summary.ok else 1)
 

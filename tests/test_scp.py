@@ -26,10 +26,12 @@ import orjson
 import pydicom
 import pytest
 from aiokafka import AIOKafkaConsumer
+from click.testing import CliRunner
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage
 
+from dicomflow.cli import main as cli_main
 from dicomflow.embedded.broker import EmbeddedBroker
 from dicomflow.errors import BrokerError, Code, ConfigError, ExtractionError
 from feeders.publisher import EventPublisher
@@ -741,3 +743,14 @@ async def test_tls_association(
     assert plain.failed == 1  # a cleartext client cannot talk to the TLS listener
     [(_, event)] = await collect_events(broker.bootstrap, {study.study_uid}, expected=1)
     assert event["sop_uid"] == study.sop_uids[0]
+
+    # The same over the CLI: trusting the certificate works, the system CAs alone do not.
+    host, port = scp.address
+    base = ["send", str(study.paths[0]), "--host", host, "--port", str(port), "--aet", SCP_AET,
+            "--calling-aet", "MODALITY", "--no-progress"]
+    trusted = await asyncio.to_thread(CliRunner().invoke, cli_main,
+                                      [*base, "--tls-ca", str(cert), "--tls-server-name", "localhost"])
+    untrusted = await asyncio.to_thread(CliRunner().invoke, cli_main, [*base, "--tls"])
+    assert trusted.exit_code == 0, trusted.output
+    assert "succeeded=1" in trusted.output
+    assert untrusted.exit_code == 1 and "failed=1" in untrusted.output, untrusted.output
