@@ -9,6 +9,7 @@ reason, which is where a data engineer looks for them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import warnings
@@ -69,10 +70,8 @@ def _ids(path: Path) -> dict[str, str]:
     if scanned is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            try:
+            with contextlib.suppress(Exception):  # a value pydicom cannot convert: its full read decides
                 return {k: str(scanned.value(t) or "").strip() for k, t in _ID_TAG_NUMBERS.items()}
-            except Exception:
-                pass  # pydicom's reading below decides
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
