@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -29,6 +29,7 @@ from schemas import extract as extract_module
 from schemas.extract import _SCAN_TAGS, extract, looks_truncated
 from schemas.headerscan import ScannedHeader, scan_bytes, scan_file
 from tests.conftest import bundled_dicom_files
+from tests.test_extract import _ds
 
 NOW = datetime(2026, 1, 2, 3, 4, 5)
 
@@ -113,14 +114,7 @@ def test_missing_file_errors_are_unchanged(tmp_path: Path) -> None:
 
 
 def _base(ts: str) -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    ds.SOPInstanceUID = "1.2.3.4.5"
-    ds.StudyInstanceUID = "1.2.3.4"
-    ds.SeriesInstanceUID = "1.2.3.4.6"
-    ds.PatientID = "PID-1"
-    ds.StudyDate = "20240102"
-    ds.file_meta = FileMetaDataset()
+    ds = _ds(SpecificCharacterSet=None, PatientID="PID-1", StudyInstanceUID="1.2.3.4", SeriesInstanceUID="1.2.3.4.6")
     ds.file_meta.TransferSyntaxUID = UID(ts)
     ds.file_meta.MediaStorageSOPClassUID = UID(ds.SOPClassUID)
     ds.file_meta.MediaStorageSOPInstanceUID = UID(ds.SOPInstanceUID)
