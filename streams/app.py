@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
+from faust.types import TransportT
 
 from dicomflow.embedded.broker import EmbeddedBroker
 from dicomflow.embedded.ports import wait_for_port
@@ -20,6 +21,7 @@ from streams.admin import bootstrap_of, ensure_topics
 from streams.metrics import Metrics, setup_metrics
 from streams.settings import Settings
 from streams.topology import ALL_TOPICS, BrokerProfile
+from streams.transport import ProfiledTransport
 
 __all__ = ["DicomflowApp", "create_app", "app", "settings"]
 
@@ -34,6 +36,10 @@ class DicomflowApp(faust.App):
     closers: list[Callable[[], Awaitable[None]]]
     metrics: Metrics
     _embedded_broker: EmbeddedBroker | None = None
+
+    def _new_transport(self) -> TransportT:
+        # Faust's aiokafka transport, with the consumer's fetch wait from the broker profile.
+        return ProfiledTransport(self.conf.broker_consumer, self)
 
     def close_on_shutdown(self, stop: Callable[[], Awaitable[None]]) -> None:
         """Register a sink's ``stop`` to run when the worker shuts down."""

@@ -43,9 +43,13 @@ class BrokerProfile:
     heartbeat_interval_s: float
     producer_max_batch_size: int
     producer_linger_s: float
+    #: How long the worker's consumer lets the broker hold an empty fetch (Faust: 1.5 s).
+    consumer_fetch_max_wait_s: float = 1.5
 
 
+# Tansu holds a fetch for the whole wait even when data arrives: keep it short.
 EMBEDDED_PROFILE = BrokerProfile(session_timeout_s=6.0, heartbeat_interval_s=1.0,
-                                 producer_max_batch_size=1, producer_linger_s=0.0)
+                                 producer_max_batch_size=1, producer_linger_s=0.0,
+                                 consumer_fetch_max_wait_s=0.1)
 PRODUCTION_PROFILE = BrokerProfile(session_timeout_s=30.0, heartbeat_interval_s=3.0,
                                    producer_max_batch_size=16384, producer_linger_s=0.005)

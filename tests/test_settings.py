@@ -44,3 +44,17 @@ def test_secrets_never_print() -> None:
 def test_tenant_maps() -> None:
     s = Settings.from_env({"DICOMFLOW_TENANT_BY_CALLING_AE": "CT01=hosp-a, MR02=hosp-b"})
     assert s.tenant_by_calling_ae == {"CT01": "hosp-a", "MR02": "hosp-b"}
+
+
+@pytest.mark.parametrize(("profile", "wait_ms"), [(EMBEDDED_PROFILE, 100), (PRODUCTION_PROFILE, 1500)])
+async def test_worker_consumer_takes_the_fetch_wait_from_the_profile(profile: object, wait_ms: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tansu holds an empty fetch for the whole wait: Faust's fixed 1.5 s delayed every hop.
+    from streams.app import app
+
+    monkeypatch.setattr(app, "profile", profile)
+    consumer = app.consumer._thread._create_worker_consumer(app.transport)  # type: ignore[attr-defined]
+    try:
+        assert consumer._fetch_max_wait_ms == wait_ms
+    finally:
+        await consumer.stop()
