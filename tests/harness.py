@@ -91,6 +91,12 @@ def worker_env(broker_url: str, home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def fresh_web_port(env: dict[str, str], **extra: str) -> dict[str, str]:
+    """``env`` with a web port free right now: another worker (or a restart) must not reuse a
+    neighbour of the first one's, which any process may hold as an ephemeral port."""
+    return dict(env, DICOMFLOW_WEB_PORT=str(free_port()), **extra)
+
+
 async def read_topic(broker_url: str, topic: str, *, until: Callable[[list[Msg]], bool],
                      timeout: float = 60.0) -> list[Msg]:
     """Read a topic from the beginning until ``until(messages)`` holds; fail at the deadline."""

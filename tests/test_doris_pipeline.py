@@ -18,7 +18,7 @@ from dicomflow.embedded.broker import EmbeddedBroker
 from tests.conftest import PYDICOM_TEST_FILES
 from tests.doris_emulator import DorisEmulator
 from tests.fixtures_doris import DORIS_DB, DORIS_PASSWORD, DORIS_USER
-from tests.harness import REPO, WorkerProcess, clone_series, worker_env
+from tests.harness import REPO, WorkerProcess, clone_series, fresh_web_port, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +86,7 @@ async def test_sigkill_mid_batch_no_duplicate_trace_ids(fresh_broker: EmbeddedBr
     finally:
         w1.kill()
     assert len(doris_emulator.rows("dicom_object_meta")) < len(files), "killed too late to prove anything"
-    env2 = dict(env, DICOMFLOW_WEB_PORT=str(int(env["DICOMFLOW_WEB_PORT"]) + 1))
+    env2 = fresh_web_port(env)
     w2 = WorkerProcess(env2, home / "w2.log").start()
     try:
         await _until(lambda: len({r["trace_id"] for r in doris_emulator.rows("dicom_object_meta")}) >= len(files),

@@ -18,7 +18,16 @@ from feeders.publisher import EventPublisher
 from schemas.records import series_key
 from streams.topology import DLQ, EMBEDDED_PROFILE, IMAGE, LOG, SERIES_INSTANCES
 from tests.conftest import PYDICOM_TEST_FILES, bundled_dicom_files
-from tests.harness import REPO, Msg, WorkerProcess, clone_series, read_all, read_topic, worker_env
+from tests.harness import (
+    REPO,
+    Msg,
+    WorkerProcess,
+    clone_series,
+    fresh_web_port,
+    read_all,
+    read_topic,
+    worker_env,
+)
 from tests.test_extract import EXPECTED, Accepted, Rejected
 
 pytestmark = pytest.mark.integration
@@ -154,7 +163,7 @@ async def test_sigkill_mid_stream_loses_nothing(fresh_broker: EmbeddedBroker, ho
         w1.kill()
     mid = len({m.json()["sop_uid"] for m in await read_all(fresh_broker.url, IMAGE)})
     assert mid < len(files), "the worker finished before the kill: the test would prove nothing"
-    env["DICOMFLOW_WEB_PORT"] = str(int(env["DICOMFLOW_WEB_PORT"]) + 1)
+    env = fresh_web_port(env)
     w2 = WorkerProcess(env, home / "worker2.log").start()
     try:
         want = len(files)

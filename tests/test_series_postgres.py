@@ -17,7 +17,7 @@ from dicomflow.embedded.broker import EmbeddedBroker
 from dicomflow.embedded.postgres import EmbeddedPostgres
 from sinks.postgres import get_json_metaes, row_writes
 from streams.topology import SERIES_INSTANCES
-from tests.harness import REPO, WorkerProcess, clone_series, read_all, worker_env
+from tests.harness import REPO, WorkerProcess, clone_series, fresh_web_port, read_all, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +113,7 @@ async def test_burst_one_row_per_series_and_bounded_writes(fresh_broker: Embedde
         assert writes <= windows, f"{writes} row writes for {windows} series-windows"
         assert writes < len(files), "debounce did not debounce"
 
-        worker = WorkerProcess(dict(env, DICOMFLOW_WEB_PORT=str(int(env["DICOMFLOW_WEB_PORT"]) + 1)),
+        worker = WorkerProcess(fresh_web_port(env),
                                home / "worker2.log").start()
         # A redelivered instance is not counted twice: backfill the same files again.
         _backfill(env, home / "storage" / "burst", "t-burst")
@@ -155,7 +155,7 @@ async def test_sigkill_mid_burst_same_rows(fresh_broker: EmbeddedBroker, home: P
             await asyncio.sleep(0.2)
     finally:
         w1.kill()
-    env2 = dict(env, DICOMFLOW_WEB_PORT=str(int(env["DICOMFLOW_WEB_PORT"]) + 1))
+    env2 = fresh_web_port(env)
     w2 = WorkerProcess(env2, home / "w2.log").start()
     try:
         await _stable(pg_dsn, _expected(files), quiet=3 * WINDOW_S)

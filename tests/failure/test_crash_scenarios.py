@@ -24,14 +24,10 @@ from tests.failure.scenario import (
     stack_env,
     wait_for,
 )
-from tests.harness import WorkerProcess
+from tests.harness import WorkerProcess, fresh_web_port
 
 pytestmark = pytest.mark.integration
 
-
-
-def _port(env: dict[str, str], bump: int) -> dict[str, str]:
-    return dict(env, DICOMFLOW_WEB_PORT=str(int(env["DICOMFLOW_WEB_PORT"]) + bump))
 
 
 @pytest.mark.timeout(900)
@@ -43,7 +39,7 @@ async def test_three_sigkills_during_5k_backfill(fresh_broker: EmbeddedBroker, t
     backfill(env, home / "storage", "t-k3")
     total = len(expected.traces)
     for i, fraction in enumerate((0.15, 0.45, 0.75)):
-        worker = WorkerProcess(_port(env, i), home / f"w{i}.log").start()
+        worker = WorkerProcess(fresh_web_port(env), home / f"w{i}.log").start()
 
         async def reached(f: float = fraction) -> bool:
             return progress(doris_emulator) >= f * total
@@ -53,7 +49,7 @@ async def test_three_sigkills_during_5k_backfill(fresh_broker: EmbeddedBroker, t
         finally:
             worker.kill()
         assert progress(doris_emulator) < total, "killed after the end: the scenario proves nothing"
-    worker = WorkerProcess(_port(env, 3), home / "w3.log").start()
+    worker = WorkerProcess(fresh_web_port(env), home / "w3.log").start()
     try:
         await assert_final(expected, pg_dsn, doris_emulator, 300, worker.log_tail)
     except AssertionError as exc:
@@ -91,8 +87,8 @@ async def test_two_workers_one_killed_mid_stream(fresh_broker: EmbeddedBroker, t
     expected = make_dataset(ct_small, home / "storage", series=20, instances=50, tenant="t-two")
     env = stack_env(fresh_broker, home, pg_dsn, doris_emulator)
     backfill(env, home / "storage", "t-two")
-    a = WorkerProcess(dict(_port(env, 0), DICOMFLOW_WORKER_ID="worker-a"), home / "a.log").start()
-    b = WorkerProcess(dict(_port(env, 1), DICOMFLOW_WORKER_ID="worker-b"), home / "b.log").start()
+    a = WorkerProcess(fresh_web_port(env, DICOMFLOW_WORKER_ID="worker-a"), home / "a.log").start()
+    b = WorkerProcess(fresh_web_port(env, DICOMFLOW_WORKER_ID="worker-b"), home / "b.log").start()
     try:
         async def a_third() -> bool:
             return progress(doris_emulator) >= len(expected.traces) // 3
