@@ -8,10 +8,16 @@ faust-streaming#606): the record is lost. Measured here: a single skipped offset
 after "Seek stream partitions to committed offsets".
 
 So each stage tracks the next offset it expects per partition (starting from the
-group's committed offset) and, on a jump, reads the missing records itself, straight
-from the topic, and processes them before the event that revealed the gap. Offsets
-delivered again (Faust re-seeking after a rebalance) are reported as such; every stage
-is idempotent for them.
+group's committed offset, or from the partition's first offset when the group has not
+committed one yet, as ``consumer_auto_offset_reset="earliest"`` makes Faust do) and, on
+a jump, reads the missing records itself, straight from the topic, and processes them
+before the event that revealed the gap. Offsets delivered again (Faust re-seeking after
+a rebalance) are reported as such; every stage is idempotent for them.
+
+Measured: a worker killed within Faust's commit interval of its first load leaves no
+committed offset; its successor's Doris sink then first saw offset 8 of a partition
+whose offsets 2..7 it never received, and a guard that trusted that first event lost
+them.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from dicomflow.status import committed_offsets
 from streams.admin import bootstrap_of
 from streams.app import settings
 
-__all__ = ["GapGuard", "Record", "read_range"]
+__all__ = ["GapGuard", "Record", "read_range", "start_offset"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,21 @@ class Record:
     key: bytes | None
     value: bytes
     timestamp: float
+
+
+async def start_offset(topic: str, partition: int) -> int:
+    """Where the app's group resumes a partition: its committed offset, else the partition's first."""
+    bootstrap = bootstrap_of(settings.broker_url)
+    tp = TopicPartition(topic, partition)
+    committed = (await committed_offsets(bootstrap, settings.app_id, [tp])).get(tp)
+    if committed is not None:
+        return committed
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return int((await consumer.beginning_offsets([tp]))[tp])
+    finally:
+        await consumer.stop()
 
 
 async def read_range(topic: str, partition: int, start: int | None, end: int | None) -> list[Record]:
@@ -85,13 +106,11 @@ class GapGuard:
         """``(delivered_again, missing_records)`` for an event at ``offset``."""
         expect = self.expect.get(partition)
         if expect is None:
-            tp = TopicPartition(self.topic, partition)
             try:
-                expect = (await committed_offsets(bootstrap_of(settings.broker_url), settings.app_id, [tp])).get(tp)
-            except Exception as exc:  # no committed offset to compare with: trust the first event
-                log.warning("gap guard: committed offset unavailable topic=%s partition=%s error=%s", self.topic,
+                expect = await start_offset(self.topic, partition)
+            except Exception as exc:  # nothing to compare with: trust the first event
+                log.warning("gap guard: start offset unavailable topic=%s partition=%s error=%s", self.topic,
                             partition, exc)
-            if expect is None:
                 expect = offset
         if offset < expect:
             return True, []

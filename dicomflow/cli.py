@@ -120,16 +120,20 @@ def backfill(directory: Path, tenant: str, broker: str | None, no_progress: bool
 @main.command("replay-dlq")
 @click.option("--code", default=None, help="Only dead letters with this error code (e.g. FILE_MISSING).")
 @click.option("--broker", help="kafka://host:port (default: DICOMFLOW_BROKER, else the embedded one).")
-def replay_dlq(code: str | None, broker: str | None) -> None:
+@click.option("--resume", is_flag=True,
+              help="Only letters no earlier --resume run (with the same --code) replayed; record this run's end.")
+def replay_dlq(code: str | None, broker: str | None, resume: bool) -> None:
     """Re-publish dead letters to storage_queue once their cause is fixed."""
     from feeders.replay import replay_dead_letters
     from streams.admin import bootstrap_of
 
     _apply_overrides(DICOMFLOW_BROKER=broker)
     settings = _settings()
+    group = f"{settings.app_id}-replay-dlq-{code or 'all'}" if resume else None
     summary = _with_publisher(settings, lambda publisher: replay_dead_letters(
-        bootstrap_of(settings.broker_url), publisher, code=code))
-    click.echo(f"replay-dlq: scanned={summary.scanned} replayed={summary.replayed} by_code={summary.by_code}")
+        bootstrap_of(settings.broker_url), publisher, code=code, resume_group=group))
+    click.echo(f"replay-dlq: scanned={summary.scanned} replayed={summary.replayed} by_code={summary.by_code}"
+               + (f" already_done={summary.already_done} progress_group={group}" if group else ""))
 
 
 @main.command()

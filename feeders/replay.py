@@ -3,6 +3,11 @@
 Reads ``storage_queue_dlq`` from the beginning up to its current end (no consumer
 group: a replay never hides letters from a later one). Re-publishing is safe to
 repeat: the events keep their trace ids, and every stage de-duplicates on them.
+
+With ``resume_group`` a run starts where the last run with the same group ended and,
+once every re-published event is acknowledged, records its end as that group's
+committed offsets: each letter is replayed once, and a cause that is still not fixed
+does not add a new letter on every run.
 """
 
 from __future__ import annotations
@@ -27,13 +32,15 @@ class ReplaySummary:
     scanned: int = 0
     replayed: int = 0
     by_code: dict[str, int] = field(default_factory=dict)
+    #: With a resume group: letters before this run's start, replayed by earlier runs.
+    already_done: int = 0
 
 
 async def replay_dead_letters(bootstrap: str, publisher: EventPublisher, *, code: str | None = None,
-                              stage: str = "ingest") -> ReplaySummary:
+                              stage: str = "ingest", resume_group: str | None = None) -> ReplaySummary:
     summary = ReplaySummary()
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
+                                auto_offset_reset="earliest", group_id=resume_group)
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(DLQ) or set()
@@ -43,7 +50,13 @@ async def replay_dead_letters(bootstrap: str, publisher: EventPublisher, *, code
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
-        remaining = {tp for tp in tps if ends[tp] > 0}
+        if resume_group is not None:
+            for tp in tps:
+                done = await consumer.committed(tp)
+                if done:
+                    consumer.seek(tp, min(done, ends[tp]))
+                    summary.already_done += min(done, ends[tp])
+        remaining = {tp for tp in tps if ends[tp] > await consumer.position(tp)}
         while remaining:
             batch = await consumer.getmany(*remaining, timeout_ms=1000)
             for tp, messages in batch.items():
@@ -55,6 +68,9 @@ async def replay_dead_letters(bootstrap: str, publisher: EventPublisher, *, code
             for tp in list(remaining):
                 if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
+        if resume_group is not None:
+            # Every publish above waited for its acknowledgement: the letters up to here are done.
+            await consumer.commit({tp: ends[tp] for tp in tps if ends[tp] > 0})
     finally:
         await consumer.stop()
     return summary

@@ -146,6 +146,13 @@ async def test_replayed_dead_letter_adds_its_success_row(fresh_broker: EmbeddedB
         assert proc.returncode == 0 and "replayed=1" in proc.stdout, proc.stdout + proc.stderr
         await _until(lambda: len(doris_emulator.rows("dicom_image_meta")) == 1
                      and len(doris_emulator.rows("dicom_object_meta")) == 2, 90, lambda: worker.log_tail(20))
+        # --resume replays a letter once: the first run takes it, the next finds nothing new.
+        resumed = [subprocess.run([sys.executable, "-m", "dicomflow.cli", "replay-dlq", "--code", "FILE_MISSING",
+                                   "--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+                   for _ in range(2)]
+        assert [r.returncode for r in resumed] == [0, 0], [r.stdout + r.stderr for r in resumed]
+        assert "replayed=1 " in resumed[0].stdout and "already_done=0" in resumed[0].stdout, resumed[0].stdout
+        assert "replayed=0 " in resumed[1].stdout and "already_done=1" in resumed[1].stdout, resumed[1].stdout
     finally:
         await publisher.stop()
         worker.stop()
