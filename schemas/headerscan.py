@@ -18,7 +18,6 @@ character set; ``tests/test_headerscan.py`` checks both paths agree, value by va
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import struct
@@ -48,6 +47,10 @@ _VRS = frozenset(vr.encode() for vr in (
 # VRs with a reserved field and a 4-byte length in explicit VR (PS3.5 7.1.2).
 _LONG_VRS = frozenset(vr.encode() for vr in "OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 
+#: The first read covers a typical header (CT, MR, CR: 2-20 KB); a longer one is read further.
+_FIRST_READ = 64 * 1024
+_MAX_HEADER_READ = 16 * 1024 * 1024
+
 _TAG_LEN = struct.Struct("<HHI")
 _TAG_VR_LEN16 = struct.Struct("<HH2sH")
 _U32 = struct.Struct("<I")
@@ -68,6 +71,10 @@ DELEGATE = _Delegate()
 
 class _Malformed(Exception):
     """The scan declines the file."""
+
+
+class _CutOff(_Malformed):
+    """The bytes end mid-element: a truncated file, or only the start of one was read."""
 
 
 @dataclass(slots=True)
@@ -179,7 +186,7 @@ def _walk(buf: Any, pos: int, end: int, implicit: bool, wanted: frozenset[int] |
     u32 = _U32.unpack_from
     while pos < end:
         if pos + 8 > end:
-            raise _Malformed("element header cut off")
+            raise _CutOff("element header cut off")
         if implicit:
             group, elem, length = tag_len(buf, pos)
             tag = group << 16 | elem
@@ -194,7 +201,7 @@ def _walk(buf: Any, pos: int, end: int, implicit: bool, wanted: frozenset[int] |
                 start = pos + 8
             elif vr in _LONG_VRS:
                 if pos + 12 > end:
-                    raise _Malformed("element header cut off")
+                    raise _CutOff("element header cut off")
                 length = u32(buf, pos + 8)[0]
                 start = pos + 12
             elif vr in _VRS:
@@ -219,12 +226,12 @@ def _walk(buf: Any, pos: int, end: int, implicit: bool, wanted: frozenset[int] |
             continue
         stop = start + length
         if stop > end:
-            raise _Malformed("element value cut off")
+            raise _CutOff("element value cut off")
         if wanted is not None and tag in wanted:
             out[tag] = (vr.decode() if vr else _dictionary_vr(tag), bytes(buf[start:stop]), start)
         pos = stop
     if nested:
-        raise _Malformed("item without its delimiter")
+        raise _CutOff("item without its delimiter")
     return pos
 
 
@@ -232,7 +239,7 @@ def _skip_sequence(buf: Any, pos: int, end: int, implicit: bool) -> int:
     """Skip an undefined-length sequence's items; returns the position after its delimiter."""
     while True:
         if pos + 8 > end:
-            raise _Malformed("sequence cut off")
+            raise _CutOff("sequence cut off")
         group, elem, length = _TAG_LEN.unpack_from(buf, pos)
         tag = group << 16 | elem
         if tag == _SEQ_END:
@@ -244,10 +251,16 @@ def _skip_sequence(buf: Any, pos: int, end: int, implicit: bool) -> int:
         else:
             pos += 8 + length
             if pos > end:
-                raise _Malformed("item cut off")
+                raise _CutOff("item cut off")
 
 
-def _scan(buf: Any, size: int, wanted: frozenset[int]) -> ScannedHeader | None:
+class _NeedMore(Exception):
+    """The header goes on past the bytes read so far."""
+
+
+def _scan(buf: Any, size: int, wanted: frozenset[int], complete: bool = True) -> ScannedHeader | None:
+    """Scan ``buf[:size]``; with ``complete=False`` it is only the start of the file, and a
+    header that goes on past it raises :class:`_NeedMore` instead of reading as cut off."""
     if size < 132 or bytes(buf[128:132]) != b"DICM":
         return None
     meta: dict[int, tuple[str, bytes, int]] = {}
@@ -279,7 +292,12 @@ def _scan(buf: Any, size: int, wanted: frozenset[int]) -> ScannedHeader | None:
         if pos + 6 <= size and not _consistent_vr_style(bytes(buf[pos + 4:pos + 6]), implicit):
             return None  # pydicom would switch VR style here; let it
         elements: dict[int, tuple[str, bytes, int]] = {}
-        _walk(buf, pos, size, implicit, wanted, elements, False)
+        if _walk(buf, pos, size, implicit, wanted, elements, False) >= size and not complete:
+            raise _NeedMore  # no pixel data yet: more elements may follow
+    except _CutOff:
+        if not complete:
+            raise _NeedMore from None
+        return None
     except (_Malformed, struct.error, UnicodeDecodeError):
         return None
     return ScannedHeader(ts, implicit, elements)
@@ -304,11 +322,22 @@ def scan_bytes(data: bytes, wanted: Iterable[int]) -> ScannedHeader | None:
 def scan_file(path: str | os.PathLike[str], wanted: Iterable[int]) -> ScannedHeader | None:
     """Scan a Part 10 file; ``None`` when the scan declines it. OSError propagates.
 
-    The file is mapped, not read: pages past the header (the pixel data) are never touched.
+    Reads the start of the file and more only while the header goes on (never the pixel
+    data of a large file). Read, not mapped: a file truncated while it is being read must
+    not end the process with SIGBUS.
     """
+    tags = _wanted(wanted)
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
-        if size < 132:
-            return None
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _scan(mm, size, _wanted(wanted))
+        data = fh.read(min(size, _FIRST_READ))
+        while True:
+            complete = len(data) >= size
+            try:
+                return _scan(data, len(data), tags, complete)
+            except _NeedMore:
+                if len(data) >= _MAX_HEADER_READ:
+                    return None  # an enormous header: pydicom streams it
+                more = fh.read(min(size, _MAX_HEADER_READ, 8 * len(data)) - len(data))
+                if not more:
+                    return _scan(data, len(data), tags, True)  # the file shrank: judge what is there
+                data += more

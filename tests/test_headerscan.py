@@ -204,3 +204,18 @@ def test_generated_files_take_the_fast_path(tmp_path: Path) -> None:
     assert scanned.value(_tag("ImageOrientationPatient")) == ["1", "0", "0", "0", "1", "0"]
     parsed = pydicom.dcmread(DicomBytesIO(data))
     assert str(parsed.PatientName) == "Doe^Jane"
+
+
+def test_a_header_longer_than_the_first_read_is_read_further(tmp_path: Path) -> None:
+    ds = _base(ExplicitVRLittleEndian)
+    ds.add_new(0x00291010, "OB", b"\x01" * 300_000)  # a large private blob before the wanted tags end
+    ds.PatientName = "Long^Header"
+    ds.PixelData = b"\x00" * 2_000_000
+    ds["PixelData"].VR = "OB"
+    path = tmp_path / "long.dcm"
+    path.write_bytes(_encode(ds, ExplicitVRLittleEndian))
+    scanned = scan_file(path, _SCAN_TAGS)
+    assert scanned is not None
+    assert scanned.value(_tag("PatientName")) == "Long^Header"
+    fast, ref = both(path)
+    assert fast == ref
