@@ -47,9 +47,10 @@ class BrokerProfile:
     consumer_fetch_max_wait_s: float = 1.5
 
 
-# Tansu holds a fetch for the whole wait even when data arrives: keep it short.
+# Tansu holds an empty fetch for the whole wait even when data arrives: keep it short. Shorter
+# than 0.5 s measured slower ingest (smaller batches downstream on the same event loop).
 EMBEDDED_PROFILE = BrokerProfile(session_timeout_s=6.0, heartbeat_interval_s=1.0,
                                  producer_max_batch_size=1, producer_linger_s=0.0,
-                                 consumer_fetch_max_wait_s=0.1)
+                                 consumer_fetch_max_wait_s=0.5)
 PRODUCTION_PROFILE = BrokerProfile(session_timeout_s=30.0, heartbeat_interval_s=3.0,
                                    producer_max_batch_size=16384, producer_linger_s=0.005)

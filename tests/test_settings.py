@@ -46,7 +46,7 @@ def test_tenant_maps() -> None:
     assert s.tenant_by_calling_ae == {"CT01": "hosp-a", "MR02": "hosp-b"}
 
 
-@pytest.mark.parametrize(("profile", "wait_ms"), [(EMBEDDED_PROFILE, 100), (PRODUCTION_PROFILE, 1500)])
+@pytest.mark.parametrize(("profile", "wait_ms"), [(EMBEDDED_PROFILE, 500), (PRODUCTION_PROFILE, 1500)])
 async def test_worker_consumer_takes_the_fetch_wait_from_the_profile(profile: object, wait_ms: int,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # Tansu holds an empty fetch for the whole wait: Faust's fixed 1.5 s delayed every hop.
