@@ -112,14 +112,18 @@ async def ingest(stream: StreamT[Any]) -> None:
         failed = 0
         done = 0
         sender: LaneSender[Output] = LaneSender(_send, _lane)
-        async for chunk in _outcomes(items):
-            for item, outcome in zip(items[done:done + len(chunk)], chunk, strict=True):
-                for out in outcome.outputs:
-                    sender.add(out)
-                failed += _account(item, outcome)
-            done += len(chunk)
-        lanes = sender.lanes
-        await sender.drain()
+        try:
+            async for chunk in _outcomes(items):
+                for item, outcome in zip(items[done:done + len(chunk)], chunk, strict=True):
+                    for out in outcome.outputs:
+                        sender.add(out)
+                    failed += _account(item, outcome)
+                done += len(chunk)
+            lanes = sender.lanes
+            await sender.drain()
+        except BaseException:
+            sender.cancel()  # no send outlives a batch that is not going to be acked
+            raise
         log.info("ingest batch events=%s dead_lettered=%s lanes=%s elapsed_s=%.3f", len(items), failed, lanes,
                  loop.time() - started)
 

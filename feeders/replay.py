@@ -6,8 +6,8 @@ repeat: the events keep their trace ids, and every stage de-duplicates on them.
 
 With ``resume_group`` a run starts where the last run with the same group ended and,
 once every re-published event is acknowledged, records its end as that group's
-committed offsets: each letter is replayed once, and a cause that is still not fixed
-does not add a new letter on every run.
+committed offsets: each letter is replayed once. A cause that is still not fixed adds one
+new letter per run (the replayed event fails again), which the next run replays once.
 """
 
 from __future__ import annotations

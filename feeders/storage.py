@@ -56,16 +56,20 @@ def safe_component(value: str) -> str:
     return "_" + text[1:] if text.startswith(".") else text
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; some filesystems refuse fsync on a directory.
+def _fsync_dir(path: Path, *, strict: bool = False) -> None:
+    """Make a rename durable. ``strict``: raise on failure, except where the filesystem
+    does not support fsync on a directory at all (EINVAL, ENOTSUP)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
+        if strict:
+            raise
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if strict and exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
 
@@ -80,8 +84,8 @@ class Placement:
     _backup: Path | None = None
 
     def sync(self) -> None:
-        """Make the new directory entry durable (fsync of the directory)."""
-        _fsync_dir(self.path.parent)
+        """Make the new directory entry durable (fsync of the directory); OSError if it fails."""
+        _fsync_dir(self.path.parent, strict=True)
 
     def commit(self) -> None:
         """The event is acknowledged: drop the safety copy of any earlier version."""

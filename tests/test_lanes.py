@@ -60,3 +60,33 @@ async def test_a_send_error_stops_its_lane_and_is_raised() -> None:
     sender.add(("a", b"bad", 9))
     await sender.drain()
     assert sent[-1] == ("a", b"bad", 9)
+
+
+async def test_a_cancelled_send_fails_the_batch() -> None:
+    sent: list[Record] = []
+
+    async def send(record: Record) -> None:
+        await asyncio.sleep(0)
+        if record[1] == b"b":
+            raise asyncio.CancelledError  # e.g. the producer stopping under it
+        sent.append(record)
+
+    sender: LaneSender[Record] = LaneSender(send, lambda r: (r[0], r[1]))
+    sender.add(("t", b"a", 1))
+    sender.add(("t", b"b", 1))
+    await asyncio.sleep(0.01)
+    sender.add(("t", b"a", 2))  # after the failure: dropped, not sent out of order
+    with pytest.raises(asyncio.CancelledError):
+        await sender.drain()
+    assert sent == [("t", b"a", 1)]
+
+
+async def test_drain_returns_when_a_lane_is_cancelled_before_it_ran() -> None:
+    async def send(record: Record) -> None:
+        await asyncio.sleep(0)
+
+    sender: LaneSender[Record] = LaneSender(send, lambda r: (r[0], r[1]))
+    sender.add(("t", b"a", 1))
+    sender.cancel()  # before the lane's task took its first step
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(sender.drain(), 5)

@@ -754,3 +754,22 @@ async def test_tls_association(
     assert trusted.exit_code == 0, trusted.output
     assert "succeeded=1" in trusted.output
     assert untrusted.exit_code == 1 and "failed=1" in untrusted.output, untrusted.output
+
+
+def test_directory_sync_failure_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    store = InstanceStore(tmp_path)
+    placement = store.write_bytes(store.relpath("t", None, "1", "2", "3"), b"x")
+    real_fsync = os.fsync
+
+    def failing(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "I/O error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError):
+        placement.sync()  # the SCP then answers 0xA700 and revokes the file
+    placement.rollback()  # lenient: a rollback must not fail on the same error
+    assert not placement.path.exists()
