@@ -310,7 +310,10 @@ def _consistent_vr_style(vr: bytes, implicit: bool) -> bool:
 
 
 def _wanted(tags: Iterable[int]) -> frozenset[int]:
-    # The character set always travels with the values: delegated text needs it.
+    # The character set always travels with the values: delegated text needs it. Callers on
+    # the per-event path pass a frozenset that has it already: no new set per file.
+    if isinstance(tags, frozenset) and _CHARSET_TAG in tags:
+        return tags
     return frozenset((*tags, _CHARSET_TAG))
 
 

@@ -31,6 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage
 
+from bench.senders import find_dcmtk_storescu
 from dicomflow.cli import main as cli_main
 from dicomflow.embedded.broker import EmbeddedBroker
 from dicomflow.errors import BrokerError, Code, ConfigError, ExtractionError
@@ -660,21 +661,6 @@ def test_adopt_file_links_a_new_instance_and_keeps_an_announced_one(tmp_path: Pa
 # ----------------------------------------------------------------------------- other clients
 
 
-def _dcmtk_storescu() -> str | None:
-    """dcmtk's storescu on PATH; pynetdicom installs a ``storescu`` of its own, which is not it."""
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        candidate = shutil.which("storescu", path=folder) if folder else None
-        if candidate is None:
-            continue
-        try:
-            proc = subprocess.run([candidate, "--version"], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if "dcmtk" in (proc.stdout + proc.stderr).lower():
-            return candidate
-    return None
-
-
 async def test_third_party_scu(
     tmp_path: Path, broker: EmbeddedBroker, publisher: EventPublisher, start_scp: ScpFactory,
 ) -> None:
@@ -689,7 +675,7 @@ async def test_third_party_scu(
     study = make_study(tmp_path / "in", n_series=2, n_instances=2)
     scp = start_scp(publisher)
     host, port = scp.address
-    storescu = _dcmtk_storescu()
+    storescu = find_dcmtk_storescu()
     if storescu:
         print(f"client=dcmtk storescu path={storescu}")
         proc = await asyncio.to_thread(
