@@ -38,7 +38,7 @@ from faust.types import TP, EventT, StreamT
 
 from agents.gaps import GapGuard, read_range
 from agents.sink_support import dead_letter_rejected
-from dicomflow.errors import SinkDataError
+from core.errors import SinkDataError
 from sinks.base import Rejected, SinkBatch, SinkItem, flush_with_retry
 from sinks.doris import DorisTableSink, StreamLoadClient
 from streams.app import app, settings

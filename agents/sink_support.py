@@ -45,7 +45,7 @@ async def sink_batch(sink: BatchingSink[T], events: Sequence[EventT], decode: Ca
         try:
             value = decode(raw)
         except Exception as exc:
-            from dicomflow.errors import SinkDataError
+            from core.errors import SinkDataError
 
             undecodable.append(Rejected(item, SinkDataError(f"undecodable message: {exc}")))
             continue

@@ -39,7 +39,7 @@ from bench.clones import build_fast
 from bench.common import Figure, figures_table, poll_until, table, write_result
 from bench.kafka import OffsetProbe
 from bench.pipeline import Run, backfill, pipeline_run
-from streams.settings import Settings
+from core.settings import Settings
 from streams.topology import IMAGE, STORAGE
 from tests.doris_emulator import DorisEmulator, LoadRecord
 

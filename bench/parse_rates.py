@@ -1,7 +1,7 @@
 """Single-process baselines for the ingest benchmark: how fast can one core read these headers?
 
 * ``raw``: ``pydicom.dcmread(path, stop_before_pixels=True)``, nothing else (the issue's baseline);
-* ``extract``: ``schemas.extract.extract`` (read only the needed tags, then decode and validate them);
+* ``extract``: ``dicom.extract.extract`` (read only the needed tags, then decode and validate them);
 * ``process``: ``schemas.fanout.process``, the ingest agent's whole pure core (event JSON in,
   three encoded output messages out), without any broker.
 """
@@ -16,9 +16,9 @@ from typing import TypeVar
 
 import pydicom
 
+from dicom.extract import Extracted, extract
 from feeders.backfill import event_for
 from schemas import codec
-from schemas.extract import Extracted, extract
 from schemas.fanout import process
 
 __all__ = ["Rate", "measure"]

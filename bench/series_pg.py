@@ -39,8 +39,8 @@ from bench.common import Figure, figures_table, poll_until, table, write_result
 from bench.dataset import CT_SMALL, build
 from bench.kafka import OffsetProbe
 from bench.pipeline import Run, backfill, pipeline_run
+from dicom.extract import Extracted, extract
 from dicomflow.embedded.postgres import EmbeddedPostgres
-from schemas.extract import Extracted, extract
 from schemas.records import DicomStateMeta
 from sinks.base import SinkBatch, SinkItem
 from sinks.postgres import COLUMNS, PostgresSink, row_writes

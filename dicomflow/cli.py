@@ -18,7 +18,7 @@ __all__ = ["main"]
 
 
 def _settings(**overrides: Any) -> Any:
-    from streams.settings import Settings
+    from core.settings import Settings
 
     settings = Settings.from_env()
     changes = {k: v for k, v in overrides.items() if v is not None}
@@ -37,7 +37,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file, for scripts.")
 def inspect(files: tuple[Path, ...], tenant: str, as_json: bool) -> None:
     """Show what the pipeline would extract from each FILE (the feeder's debugging tool)."""
-    from schemas.extract import extract
+    from dicom.extract import extract
     from schemas.identity import trace_id_for
 
     failures = 0
@@ -228,9 +228,9 @@ def status(as_json: bool, broker: str | None) -> None:
     """Lag per topic and partition, dead letters by code, and the addresses in use."""
     import asyncio
 
+    from core.settings import mask_dsn
     from dicomflow.stack import read_stack_file
     from dicomflow.status import CONSUMED_TOPICS, CONSUMED_WITHOUT_DORIS, collect_status
-    from streams.settings import mask_dsn
 
     settings = _settings()
     stack = read_stack_file(settings.home)
@@ -283,7 +283,7 @@ def _with_publisher(settings: Any, work: Any) -> Any:
 
 
 def _run_or_exit(fn: Any) -> Any:
-    from dicomflow.errors import DicomflowError
+    from core.errors import DicomflowError
 
     try:
         return fn()

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.settings import Settings, mask_dsn
 from dicomflow.embedded.broker import EmbeddedBroker
-from streams.settings import Settings, mask_dsn
 
 __all__ = ["Stack", "read_stack_file"]
 

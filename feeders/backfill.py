@@ -21,10 +21,10 @@ from typing import Any
 
 import pydicom
 
-from dicomflow.errors import BrokerError, ConfigError
+from core.errors import BrokerError, ConfigError
+from dicom.headerscan import scan_file
 from feeders.publisher import EventPublisher
 from schemas import codec
-from schemas.headerscan import scan_file
 from schemas.identity import trace_id_for
 from schemas.records import series_key
 

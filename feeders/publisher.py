@@ -12,10 +12,11 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from dicomflow.errors import BrokerError
+from core.errors import BrokerError
+from core.settings import BrokerProfile
 from schemas import codec
 from streams.admin import bootstrap_of, ensure_topics
-from streams.topology import ALL_TOPICS, STORAGE, BrokerProfile
+from streams.topology import ALL_TOPICS, STORAGE
 
 __all__ = ["EventPublisher"]
 

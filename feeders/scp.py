@@ -65,15 +65,15 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicomflow.errors import BrokerError, Code, ConfigError, ContractError, ExtractionError
+from core.errors import BrokerError, Code, ConfigError, ContractError, ExtractionError
+from dicom.extract import TENANT_PRIVATE_TAG
+from dicom.headerscan import ScannedHeader, scan_bytes, scan_file
+from dicom.values import accession_fallback, parse_da, uid_hash
 from feeders.net import no_delay
 from feeders.storage import InstanceStore, Placement
 from feeders.tenancy import AssociationTenant, TenantResolver
 from schemas.codec import format_datetime
 from schemas.contract import validate_event
-from schemas.dicomvalues import accession_fallback, parse_da, uid_hash
-from schemas.extract import TENANT_PRIVATE_TAG
-from schemas.headerscan import ScannedHeader, scan_bytes, scan_file
 from schemas.records import series_key
 
 if TYPE_CHECKING:
@@ -81,8 +81,7 @@ if TYPE_CHECKING:
     from pynetdicom.events import Event
     from pynetdicom.transport import ThreadedAssociationServer
 
-    from streams.settings import Settings
-    from streams.topology import BrokerProfile
+    from core.settings import BrokerProfile, Settings
 
 __all__ = [
     "STORAGE_TRANSFER_SYNTAXES",
@@ -205,7 +204,7 @@ def _read(source: Path | bytes) -> Dataset | ScannedHeader:
 def read_instance_header(source: Path | bytes) -> InstanceHeader:
     """Read the header of a received data set (a Part 10 file or its bytes).
 
-    The fast scan (:mod:`schemas.headerscan`) reads it when it can, pydicom otherwise.
+    The fast scan (:mod:`dicom.headerscan`) reads it when it can, pydicom otherwise.
     Raises :class:`ExtractionError` (NOT_DICOM) when the data set cannot be decoded.
     """
     try:
@@ -473,7 +472,7 @@ def build_event(*, tenant: str, header: InstanceHeader, study_uid: str, series_u
         with contextlib.suppress(ValueError):
             study_date = parse_da(header.study_date).isoformat()
     accession = header.accession_number
-    # The same rule as schemas.extract, so the event and the extracted rows agree.
+    # The same rule as dicom.extract, so the event and the extracted rows agree.
     if accession is None or len(accession.encode("utf-8")) > 16:
         accession = accession_fallback(tenant, study_uid)
     return {
@@ -711,8 +710,8 @@ async def serve(settings: Settings, *, broker_url: str | None = None, profile: B
     ``on_started`` is called with the running SCP (e.g. to print its address);
     ``overrides`` replace :class:`ScpConfig` fields (e.g. ``port=0``).
     """
+    from core.settings import PRODUCTION_PROFILE
     from feeders.publisher import EventPublisher
-    from streams.topology import PRODUCTION_PROFILE
 
     url = broker_url or settings.broker
     if url is None:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from schemas.dicomvalues import parse_da
+from dicom.values import parse_da
 
 __all__ = ["UNKNOWN_STUDY_DATE", "InstanceStore", "Placement", "safe_component"]
 

@@ -26,10 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dicomflow.errors import ConfigError
+from core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from streams.settings import Settings
+    from core.settings import Settings
 
 __all__ = ["TENANT_PATTERN", "AssociationTenant", "TenantResolver", "is_valid_tenant"]
 

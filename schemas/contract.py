@@ -14,7 +14,7 @@ from typing import Any
 import fastjsonschema
 import orjson
 
-from dicomflow.errors import Code, ContractError
+from core.errors import Code, ContractError
 from schemas.records import StorageEvent
 
 __all__ = ["SCHEMA_VERSION", "schema", "validate_event", "parse_event"]

@@ -26,7 +26,7 @@ from datetime import date, datetime
 from importlib import resources
 from typing import Any
 
-from dicomflow.errors import Code, ConfigError
+from core.errors import Code, ConfigError
 
 __all__ = [
     "ColumnSpec",

@@ -19,12 +19,12 @@ from typing import Any
 
 import orjson
 
-from dicomflow.errors import Code, ContractError, DicomflowError, FileAccessError
+from core.errors import Code, ContractError, DicomflowError, FileAccessError
+from dicom.extract import Extracted, extract
+from dicom.paths import resolve_in_root
 from schemas import codec
 from schemas.contract import parse_event
-from schemas.extract import Extracted, extract
 from schemas.identity import TRACE_NAMESPACE
-from schemas.paths import resolve_in_root
 from schemas.records import DicomObjectMeta, StorageEvent
 from streams.topology import DLQ, IMAGE, LOG, SERIES_INSTANCES
 

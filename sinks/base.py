@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from dicomflow.errors import DicomflowError, SinkDataError, SinkRetryableError
+from core.errors import DicomflowError, SinkDataError, SinkRetryableError
 
 __all__ = [
     "SinkItem",

@@ -29,10 +29,10 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from dicomflow.errors import Code, SinkDataError, SinkRetryableError
+from core.errors import Code, SinkDataError, SinkRetryableError
+from core.settings import Secret, Settings
 from schemas.ddl import TableSpec, check_row, table_spec
 from sinks.base import BatchingSink, Rejected, SinkBatch, SinkItem
-from streams.settings import Secret, Settings
 
 __all__ = [
     "LoadResult",

@@ -36,10 +36,10 @@ from typing import Any
 
 import asyncpg
 
-from dicomflow.errors import Code, SinkDataError, SinkError, SinkRetryableError
+from core.errors import Code, SinkDataError, SinkError, SinkRetryableError
+from core.settings import Secret, mask_dsn
 from schemas.records import DicomStateMeta
 from sinks.base import BatchingSink, Rejected, SinkBatch, SinkItem
-from streams.settings import Secret, mask_dsn
 
 __all__ = [
     "PostgresSink",
@@ -300,7 +300,7 @@ class PostgresSink(BatchingSink[DicomStateMeta]):
         for position, item in enumerate(batch.items):
             rec = item.value
             # The DDL's NOT NULL defaults cannot apply to an explicit NULL: stamp here, in the
-            # same naive local-time convention as schemas.extract.
+            # same naive local-time convention as dicom.extract.
             updated = rec.updated_time or now
             created = rec.created_time or updated
             values = tuple(updated if c == "updated_time" else created if c == "created_time"

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from dicomflow.errors import BrokerError, ConfigError
+from core.errors import BrokerError, ConfigError
 
 __all__ = ["bootstrap_of", "ensure_topics"]
 

@@ -15,12 +15,12 @@ from typing import Any
 import faust
 from faust.types import TransportT
 
+from core.settings import BrokerProfile, Settings
 from dicomflow.embedded.broker import EmbeddedBroker
 from dicomflow.embedded.ports import wait_for_port
 from streams.admin import bootstrap_of, ensure_topics
 from streams.metrics import Metrics, setup_metrics
-from streams.settings import Settings
-from streams.topology import ALL_TOPICS, BrokerProfile
+from streams.topology import ALL_TOPICS
 from streams.transport import ProfiledTransport
 
 __all__ = ["DicomflowApp", "create_app", "app", "settings"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 
-from schemas.dicomvalues import uid_hash
+from dicom.values import uid_hash
 from schemas.identity import trace_id_for
 from tests.conftest import PYDICOM_TEST_FILES
 

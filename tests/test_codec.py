@@ -7,8 +7,8 @@ from pathlib import Path
 
 import orjson
 
+from dicom.extract import Extracted, extract
 from schemas import codec
-from schemas.extract import Extracted, extract
 from schemas.records import DicomImageMeta, DicomObjectMeta, DicomStateMeta
 
 

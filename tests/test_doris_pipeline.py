@@ -125,8 +125,8 @@ async def test_each_fault_nothing_lost_nothing_duplicated(fresh_broker: Embedded
 async def test_replayed_dead_letter_adds_its_success_row(fresh_broker: EmbeddedBroker, tmp_path: Path,
                                                          doris_emulator: DorisEmulator, ct_small: Path) -> None:
     """A file that was missing, then restored and replayed, ends with both outcomes logged once each."""
+    from core.settings import EMBEDDED_PROFILE
     from feeders.publisher import EventPublisher
-    from streams.topology import EMBEDDED_PROFILE
 
     home = tmp_path / "home"
     (home / "storage").mkdir(parents=True)

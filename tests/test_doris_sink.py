@@ -13,13 +13,13 @@ from typing import Any
 import pydicom
 import pytest
 
-from dicomflow.errors import Code, ConfigError, SinkDataError, SinkRetryableError
+from core.errors import Code, ConfigError, SinkDataError, SinkRetryableError
+from core.settings import Settings
+from dicom.extract import Extracted, extract
 from schemas import ddl
 from schemas.codec import to_row
-from schemas.extract import Extracted, extract
 from sinks.base import Backoff, Rejected, SinkBatch, SinkItem, flush_with_retry
 from sinks.doris import LABEL_RE, DorisTableSink, StreamLoadClient, make_label
-from streams.settings import Settings
 from tests.doris_emulator import DorisEmulator
 
 CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"

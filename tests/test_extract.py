@@ -12,9 +12,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicomflow.errors import Code, ExtractionError
-from schemas.dicomvalues import accession_fallback, uid_hash
-from schemas.extract import Extracted, extract
+from core.errors import Code, ExtractionError
+from dicom.extract import Extracted, extract
+from dicom.values import accession_fallback, uid_hash
 from tests.conftest import PYDICOM_TEST_FILES, bundled_dicom_files
 
 

@@ -8,9 +8,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from agents import gaps
+from core.settings import Settings
 from dicomflow.embedded.broker import EmbeddedBroker
 from streams.admin import ensure_topics
-from streams.settings import Settings
 
 TOPIC = "gap_guard_test"
 

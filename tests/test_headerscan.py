@@ -25,9 +25,9 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from schemas import extract as extract_module
-from schemas.extract import _SCAN_TAGS, extract, looks_truncated
-from schemas.headerscan import ScannedHeader, scan_bytes, scan_file
+from dicom import extract as extract_module
+from dicom.extract import _SCAN_TAGS, extract, looks_truncated
+from dicom.headerscan import ScannedHeader, scan_bytes, scan_file
 from tests.conftest import bundled_dicom_files
 from tests.test_extract import _ds
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import EMBEDDED_PROFILE
 from dicomflow.embedded.broker import EmbeddedBroker
 from feeders.publisher import EventPublisher
 from schemas.records import series_key
-from streams.topology import DLQ, EMBEDDED_PROFILE, IMAGE, LOG, SERIES_INSTANCES
+from streams.topology import DLQ, IMAGE, LOG, SERIES_INSTANCES
 from tests.conftest import PYDICOM_TEST_FILES, bundled_dicom_files
 from tests.harness import (
     REPO,

@@ -14,9 +14,10 @@ import orjson
 import pytest
 import yaml
 
+from core.settings import EMBEDDED_PROFILE
 from dicomflow.embedded.broker import EmbeddedBroker
 from feeders.publisher import EventPublisher
-from streams.topology import EMBEDDED_PROFILE, IMAGE
+from streams.topology import IMAGE
 from tests.harness import REPO, WorkerProcess, clone_series, read_topic, worker_env
 
 pytestmark = pytest.mark.integration

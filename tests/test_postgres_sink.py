@@ -13,9 +13,9 @@ from typing import Any, cast
 import asyncpg
 import pytest
 
+from core.errors import SinkDataError, SinkError, SinkRetryableError
+from dicom.extract import Extracted, extract
 from dicomflow.embedded.postgres import EmbeddedPostgres, StopMode
-from dicomflow.errors import SinkDataError, SinkError, SinkRetryableError
-from schemas.extract import Extracted, extract
 from schemas.records import DicomStateMeta
 from sinks.base import Backoff, Rejected, SinkBatch, SinkItem, flush_with_retry
 from sinks.postgres import (

@@ -32,9 +32,10 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage
 
 from bench.senders import find_dcmtk_storescu
+from core.errors import BrokerError, Code, ConfigError, ExtractionError
+from core.settings import EMBEDDED_PROFILE, Settings
 from dicomflow.cli import main as cli_main
 from dicomflow.embedded.broker import EmbeddedBroker
-from dicomflow.errors import BrokerError, Code, ConfigError, ExtractionError
 from feeders.publisher import EventPublisher
 from feeders.scp import (
     CANNOT_UNDERSTAND,
@@ -55,8 +56,7 @@ from feeders.storage import UNKNOWN_STUDY_DATE, InstanceStore, safe_component
 from feeders.tenancy import AssociationTenant, TenantResolver
 from schemas.contract import validate_event
 from schemas.records import series_key
-from streams.settings import Settings
-from streams.topology import EMBEDDED_PROFILE, STORAGE
+from streams.topology import STORAGE
 
 pytestmark = pytest.mark.integration
 

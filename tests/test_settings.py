@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dicomflow.errors import ConfigError
-from streams.settings import Settings, mask_dsn
-from streams.topology import EMBEDDED_PROFILE, PRODUCTION_PROFILE
+from core.errors import ConfigError
+from core.settings import EMBEDDED_PROFILE, PRODUCTION_PROFILE, Settings, mask_dsn
 
 
 def test_defaults_use_the_embedded_stack() -> None:

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dicomflow.errors import Code, ContractError
+from core.errors import Code, ContractError
+from dicom.values import parse_da, parse_tm
 from schemas.contract import parse_event, schema, validate_event
-from schemas.dicomvalues import parse_da, parse_tm
 
 
 @given(st.dates(min_value=date(1, 1, 1), max_value=date(9999, 12, 31)))

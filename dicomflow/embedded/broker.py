@@ -11,8 +11,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from core.errors import BrokerError
 from dicomflow.embedded.ports import free_port, wait_for_port
-from dicomflow.errors import BrokerError
 
 __all__ = ["EmbeddedBroker", "tansu_binary"]
 

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import IO, Literal
 from urllib.parse import quote
 
+from core.errors import DicomflowError
 from dicomflow.embedded.ports import free_port, wait_for_port
-from dicomflow.errors import DicomflowError
 
 __all__ = ["EmbeddedPostgres", "postgres_bin_dir"]
 

@@ -15,9 +15,10 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from core.settings import EMBEDDED_PROFILE
 from dicomflow.embedded.broker import EmbeddedBroker
 from feeders.publisher import EventPublisher
-from streams.topology import DLQ, EMBEDDED_PROFILE, LOG
+from streams.topology import DLQ, LOG
 from tests.harness import WorkerProcess, clone_series, read_topic, worker_env
 
 pytestmark = pytest.mark.integration

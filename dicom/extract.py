@@ -32,9 +32,9 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
-from dicomflow.errors import Code, ExtractionError, FileAccessError
-from schemas.dicomvalues import accession_fallback, parse_da, parse_tm, uid_hash
-from schemas.headerscan import ScannedHeader, scan_file
+from core.errors import Code, ExtractionError, FileAccessError
+from dicom.headerscan import ScannedHeader, scan_file
+from dicom.values import accession_fallback, parse_da, parse_tm, uid_hash
 from schemas.records import DicomImageMeta, DicomObjectMeta, DicomStateMeta
 
 __all__ = ["Extracted", "Header", "extract", "read_header", "read_fast", "looks_truncated", "DEFAULT_TRANSFER_SYNTAX",

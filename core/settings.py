@@ -16,10 +16,37 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from dicomflow.errors import ConfigError
-from streams.topology import EMBEDDED_PROFILE, PRODUCTION_PROFILE, BrokerProfile
+from core.errors import ConfigError
 
-__all__ = ["Secret", "Settings", "mask_dsn"]
+__all__ = ["Secret", "Settings", "mask_dsn", "BrokerProfile", "EMBEDDED_PROFILE", "PRODUCTION_PROFILE"]
+
+
+@dataclass(frozen=True)
+class BrokerProfile:
+    """Client settings that depend on the broker implementation.
+
+    The embedded Tansu broker needs two measured workarounds
+    (../shared/reference/faust-pitfalls.md): group joins take half the session
+    timeout, so the session timeout is short; and its end offset is wrong after a
+    multi-record produce batch, which silently truncates table recovery, so every
+    produce batch carries one record.
+    """
+
+    session_timeout_s: float
+    heartbeat_interval_s: float
+    producer_max_batch_size: int
+    producer_linger_s: float
+    #: How long the worker's consumer lets the broker hold an empty fetch (Faust: 1.5 s).
+    consumer_fetch_max_wait_s: float = 1.5
+
+
+# Tansu holds an empty fetch for the whole wait even when data arrives: keep it short. Shorter
+# than 0.5 s measured slower ingest (smaller batches downstream on the same event loop).
+EMBEDDED_PROFILE = BrokerProfile(session_timeout_s=6.0, heartbeat_interval_s=1.0,
+                                 producer_max_batch_size=1, producer_linger_s=0.0,
+                                 consumer_fetch_max_wait_s=0.5)
+PRODUCTION_PROFILE = BrokerProfile(session_timeout_s=30.0, heartbeat_interval_s=3.0,
+                                   producer_max_batch_size=16384, producer_linger_s=0.005)
 
 
 class Secret:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dicomflow.errors import Code, FileAccessError
+from core.errors import Code, FileAccessError
 
 __all__ = ["resolve_in_root"]
 
