@@ -22,10 +22,10 @@ from typing import Any
 
 from faust.types import EventT, StreamT
 
+from agents.fanout import Outcome, Output, process_many
 from agents.gaps import GapGuard
 from agents.lanes import LaneSender
 from agents.sink_support import batches
-from schemas.fanout import Outcome, Output, process_many
 from streams.app import app, settings
 from streams.topics import BY_NAME, storage
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar, cast
 from faust import Stream
 from faust.types import EventT, StreamT
 
-from schemas.fanout import dead_letter
+from schemas.deadletter import dead_letter
 from sinks.base import BatchingSink, Rejected, SinkItem, flush_with_retry
 from streams.app import app, settings
 from streams.topics import sink_dlq

@@ -2,7 +2,7 @@
 
 * ``raw``: ``pydicom.dcmread(path, stop_before_pixels=True)``, nothing else (the issue's baseline);
 * ``extract``: ``dicom.extract.extract`` (read only the needed tags, then decode and validate them);
-* ``process``: ``schemas.fanout.process``, the ingest agent's whole pure core (event JSON in,
+* ``process``: ``agents.fanout.process``, the ingest agent's whole pure core (event JSON in,
   three encoded output messages out), without any broker.
 """
 
@@ -16,10 +16,10 @@ from typing import TypeVar
 
 import pydicom
 
+from agents.fanout import process
 from dicom.extract import Extracted, extract
 from feeders.backfill import event_for
 from schemas import codec
-from schemas.fanout import process
 
 __all__ = ["Rate", "measure"]
 

@@ -9,7 +9,6 @@ timestamps differ), which is what makes downstream de-duplication possible.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -24,11 +23,12 @@ from dicom.extract import Extracted, extract
 from dicom.paths import resolve_in_root
 from schemas import codec
 from schemas.contract import parse_event
+from schemas.deadletter import dead_letter
 from schemas.identity import TRACE_NAMESPACE
 from schemas.records import DicomObjectMeta, StorageEvent
 from streams.topology import DLQ, IMAGE, LOG, SERIES_INSTANCES
 
-__all__ = ["Output", "Outcome", "process", "process_many", "dead_letter"]
+__all__ = ["Output", "Outcome", "process", "process_many"]
 
 _EVENT_OVERLAY = ("source_ip", "source_ae", "target_ts", "worker_node_id")
 
@@ -45,27 +45,6 @@ class Outcome:
     outputs: list[Output]
     error: DicomflowError | None = None
     trace_id: str | None = None
-
-
-def dead_letter(*, error: DicomflowError, stage: str, worker: str, raw: bytes,
-                original: Any = None, source: dict[str, Any] | None = None,
-                now: datetime | None = None) -> bytes:
-    """The dead-letter envelope: ``{original event, error, stage, time, worker}``.
-
-    A message that is not JSON keeps its exact bytes in ``original_raw_base64`` so it
-    can be inspected and replayed as it was.
-    """
-    letter: dict[str, Any] = {
-        "original": original,
-        "error": error.as_dict(),
-        "stage": stage,
-        "time": codec.format_datetime(now or datetime.now()),
-        "worker": worker,
-        "source": source,
-    }
-    if original is None:
-        letter["original_raw_base64"] = base64.b64encode(raw).decode("ascii")
-    return codec.dumps(letter)
 
 
 def _as_dict(raw: bytes) -> dict[str, Any] | None:
