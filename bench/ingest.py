@@ -3,7 +3,7 @@
 Same files, same run:
 
 1. baselines, one process: ``pydicom.dcmread(stop_before_pixels=True)`` (the ratio's
-   denominator), ``dicom.extract.extract`` and ``schemas.fanout.process``;
+   denominator), ``dicom.extract.extract`` and ``agents.fanout.process``;
 2. ``storage_queue`` preloaded with one event per file (``dicomflow backfill``), then ONE
    worker started on a fresh embedded Tansu broker (no PostgreSQL). Timed from the
    worker's first output on ``dicom_image_queue`` until all N image messages are there;
