@@ -18,31 +18,25 @@ The rules are the Rust system's ``make_state_info``/``make_image_info``:
 from __future__ import annotations
 
 import os
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
 from core.errors import Code, ExtractionError, FileAccessError
-from dicom.headerscan import ScannedHeader, scan_file
-from dicom.values import accession_fallback, parse_da, parse_tm, uid_hash
-from schemas.records import DicomImageMeta, DicomObjectMeta, DicomStateMeta
+from dicom import reader
+from dicom.reader import DEFAULT_TRANSFER_SYNTAX, TENANT_PRIVATE_TAG, Header, looks_truncated, read_header
+from dicom.values import accession_number, parse_da, parse_tm, uid_hash
+from schemas.records import DicomImageMeta, DicomObjectMeta, DicomStateMeta, bounds
 
 __all__ = ["Extracted", "Header", "extract", "read_header", "read_fast", "looks_truncated", "DEFAULT_TRANSFER_SYNTAX",
            "TENANT_PRIVATE_TAG"]
-
-DEFAULT_TRANSFER_SYNTAX = "1.2.840.10008.1.2"
-#: The seeds' private tag carrying a tenant id (used by the SCP when configured).
-TENANT_PRIVATE_TAG = 0x12111217
 
 # The tags the rules read, resolved once: keyword lookups cost more than the values.
 _TAGS: list[int | str] = [
@@ -60,8 +54,9 @@ _TAGS: list[int | str] = [
 _TAG_OF: dict[str, BaseTag] = {k: BaseTag(tag_for_keyword(k) or 0) for k in _TAGS if isinstance(k, str)}
 _SCAN_TAGS = frozenset(int(t) for t in _TAG_OF.values())
 
-#: What the rules read values from: pydicom's Dataset, or the fast scan of a file.
-Header = Dataset | ScannedHeader
+# String bounds come from the records (schemas/records.py), the one place they are declared.
+_STATE_BOUNDS = bounds(DicomStateMeta)
+_IMAGE_BOUNDS = bounds(DicomImageMeta)
 
 
 @dataclass(slots=True)
@@ -73,125 +68,21 @@ class Extracted:
     object: DicomObjectMeta
 
 
-def read_header(path: str | os.PathLike[str]) -> Dataset:
-    """Read a DICOM header without pixel data.
-
-    Raises :class:`FileAccessError` (FILE_MISSING / FILE_UNREADABLE) or
-    :class:`ExtractionError` (NOT_DICOM).
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                # No specific_tags: pydicom's per-element tag filter costs more than it saves,
-                # and values are only decoded when the rules ask for them.
-                return pydicom.dcmread(path, stop_before_pixels=True)
-            except InvalidDicomError:
-                # Files without the 128-byte preamble (ACR-NEMA style, or a raw dataset) are
-                # still DICOM; accept them only if a forced read finds real elements.
-                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-                if not any(elem.tag.group >= 0x0008 and elem.keyword for elem in ds):
-                    raise ExtractionError(
-                        "not a DICOM file: no preamble/DICM prefix and no recognisable elements",
-                        code=Code.NOT_DICOM, field="file_path",
-                    ) from None
-                return ds
-    except FileNotFoundError:
-        raise FileAccessError(f"file not found: {path}", code=Code.FILE_MISSING,
-                              field="file_path") from None
-    except (IsADirectoryError, PermissionError) as exc:
-        raise FileAccessError(f"cannot read file: {exc.strerror}", code=Code.FILE_UNREADABLE,
-                              field="file_path") from None
-    except ExtractionError:
-        raise
-    except Exception as exc:  # pydicom raises many types on corrupt input
-        raise ExtractionError(f"cannot parse DICOM header: {type(exc).__name__}: {exc}",
-                              code=Code.NOT_DICOM, field="file_path") from None
-
-
-_PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00",
-               b"\x7f\xe0\x00\x10", b"\x7f\xe0\x00\x08", b"\x7f\xe0\x00\x09")
-
-
-def looks_truncated(path: str | os.PathLike[str]) -> bool:
-    """Whether the header ends mid-element (pydicom reads such files silently).
-
-    The top-level element read last must end exactly at end of file, or right before
-    the pixel data (where reading stops). Only used to explain a missing required
-    tag: a cut-off file is a transfer problem, not a bad header.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=16, force=True)
-        size = os.path.getsize(path)
-        meta = getattr(ds, "file_meta", None)
-        if meta is not None and str(meta.get("TransferSyntaxUID", "")) == "1.2.840.10008.1.2.1.99":
-            return False  # deflated: offsets do not map onto the file
-        last = None
-        for tag in ds.keys():
-            last = ds.get_item(tag)
-        if last is None:
-            # A file meta header (or just the DICM preamble) with no dataset after it.
-            with open(path, "rb") as fh:
-                fh.seek(128)
-                return fh.read(4) == b"DICM"
-        tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
-        if tell is None or length is None or length == 0xFFFFFFFF:
-            return False
-        end = int(tell) + int(length)
-        if end > size:
-            return True
-        if end == size:
-            return False
-        with open(path, "rb") as fh:
-            fh.seek(end)
-            return fh.read(4) not in _PIXEL_TAGS
-    except Exception:
-        return False
-
-
 def read_fast(path: str | os.PathLike[str]) -> Header:
     """The header by the fast scan when it can read the file exactly, else by pydicom.
 
     Raises as :func:`read_header` does.
     """
-    try:
-        scanned = scan_file(path, _SCAN_TAGS)
-    except (OSError, ValueError):
-        scanned = None  # read_header classifies the failure (missing, unreadable, ...)
-    return scanned if scanned is not None else read_header(path)
+    return reader.read(path, _SCAN_TAGS)
 
 
 def _raw(ds: Header, keyword: str) -> Any:
     """The element's value, or None when absent/empty/undecodable."""
-    tag = _TAG_OF[keyword]
-    try:
-        if isinstance(ds, ScannedHeader):
-            value = ds.value(tag)
-        elif ds.get_item(tag) is None:
-            return None
-        else:
-            value = ds[tag].value
-    except Exception:  # lazy decoding of a malformed element
-        return None
-    if value is None or value == "" or isinstance(value, Sequence):
-        return None
-    return value
+    return reader.raw_value(ds, _TAG_OF[keyword])
 
 
 def _text(ds: Header, keyword: str) -> str | None:
-    value = _raw(ds, keyword)
-    if value is None:
-        return None
-    if isinstance(value, MultiValue | list | tuple):
-        text = "\\".join(str(v).strip() for v in value)
-    elif isinstance(value, bytes):
-        text = value.decode("latin-1")
-    else:
-        text = str(value)
-    text = text.strip(" \x00")
-    return text or None
+    return reader.text(ds, _TAG_OF[keyword])
 
 
 def _bounded(ds: Header, keyword: str, limit: int) -> str | None:
@@ -204,7 +95,7 @@ def _bounded(ds: Header, keyword: str, limit: int) -> str | None:
     return text
 
 
-def _required(ds: Header, keyword: str, limit: int = 64) -> str:
+def _required(ds: Header, keyword: str, limit: int) -> str:
     text = _text(ds, keyword)
     if text is None:
         raise ExtractionError(f"{keyword} is required but missing or empty",
@@ -257,18 +148,61 @@ def _time(ds: Header, keyword: str) -> Any:
         raise ExtractionError(f"{keyword}: {exc}", code=Code.INVALID_TIME, field=keyword) from None
 
 
-def _transfer_syntax(ds: Header) -> str:
-    if isinstance(ds, ScannedHeader):
-        return ds.transfer_syntax or DEFAULT_TRANSFER_SYNTAX
-    meta = getattr(ds, "file_meta", None)
-    value = None
-    if meta is not None:
-        try:
-            value = meta.get("TransferSyntaxUID")
-        except Exception:
-            value = None
-    text = str(value).strip(" \x00") if value else ""
-    return text or DEFAULT_TRANSFER_SYNTAX
+#: How an optional column is read: its converter, or ``None`` for a bounded string
+#: (the bound is the record's). Listed in column order, which is also the order in
+#: which a header with several bad values reports the first.
+_Reader = Callable[[Header, str], Any] | None
+_STATE_COLUMNS: tuple[tuple[str, str, _Reader], ...] = (
+    ("patient_name", "PatientName", None),
+    ("patient_sex", "PatientSex", None),
+    ("patient_birth_date", "PatientBirthDate", _date),
+    ("patient_birth_time", "PatientBirthTime", _time),
+    ("patient_age", "PatientAge", None),
+    ("patient_size", "PatientSize", _float),
+    ("patient_weight", "PatientWeight", _float),
+    ("study_time", "StudyTime", _time),
+    ("study_id", "StudyID", None),
+    ("study_description", "StudyDescription", None),
+    ("modality", "Modality", None),
+    ("series_number", "SeriesNumber", _int),
+    ("series_date", "SeriesDate", _date),
+    ("series_time", "SeriesTime", _time),
+    ("series_description", "SeriesDescription", None),
+    ("body_part_examined", "BodyPartExamined", None),
+    ("protocol_name", "ProtocolName", None),
+    ("series_related_instances", "NumberOfSeriesRelatedInstances", _int),
+)
+_IMAGE_COLUMNS: tuple[tuple[str, str, _Reader], ...] = (
+    ("content_date", "ContentDate", _date),
+    ("content_time", "ContentTime", _time),
+    ("instance_number", "InstanceNumber", _int),
+    ("image_type", "ImageType", None),
+    ("image_orientation_patient", "ImageOrientationPatient", None),
+    ("image_position_patient", "ImagePositionPatient", None),
+    ("slice_thickness", "SliceThickness", _float),
+    ("spacing_between_slices", "SpacingBetweenSlices", _float),
+    ("slice_location", "SliceLocation", _float),
+    ("samples_per_pixel", "SamplesPerPixel", _int),
+    ("photometric_interpretation", "PhotometricInterpretation", None),
+    ("width", "Rows", _int),
+    ("columns", "Columns", _int),
+    ("bits_allocated", "BitsAllocated", _int),
+    ("bits_stored", "BitsStored", _int),
+    ("high_bit", "HighBit", _int),
+    ("pixel_representation", "PixelRepresentation", _int),
+    ("rescale_intercept", "RescaleIntercept", _float),
+    ("rescale_slope", "RescaleSlope", _float),
+    ("rescale_type", "RescaleType", None),
+    ("window_center", "WindowCenter", None),
+    ("window_width", "WindowWidth", None),
+)
+
+
+def _columns(ds: Header, columns: tuple[tuple[str, str, _Reader], ...], limits: dict[str, int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, keyword, read in columns:
+        out[name] = _bounded(ds, keyword, limits[name]) if read is None else read(ds, keyword)
+    return out
 
 
 def extract(
@@ -308,13 +242,14 @@ def extract(
 
 def _build(ds: Header, tenant_id: str, trace_id: str, worker_node_id: str, file_path: str | None,
            file_size: int | None, now: datetime) -> Extracted:
-    if not tenant_id or len(tenant_id.encode("utf-8")) > 64:
-        raise ExtractionError("tenant_id must be 1 to 64 bytes", code=Code.INVALID_EVENT,
+    tenant_max = _STATE_BOUNDS["tenant_id"]
+    if not tenant_id or len(tenant_id.encode("utf-8")) > tenant_max:
+        raise ExtractionError(f"tenant_id must be 1 to {tenant_max} bytes", code=Code.INVALID_EVENT,
                               field="tenant_id")
-    patient_id = _required(ds, "PatientID")
-    study_uid = _required(ds, "StudyInstanceUID")
-    series_uid = _required(ds, "SeriesInstanceUID")
-    sop_uid = _required(ds, "SOPInstanceUID")
+    patient_id = _required(ds, "PatientID", _STATE_BOUNDS["patient_id"])
+    study_uid = _required(ds, "StudyInstanceUID", _STATE_BOUNDS["study_uid"])
+    series_uid = _required(ds, "SeriesInstanceUID", _STATE_BOUNDS["series_uid"])
+    sop_uid = _required(ds, "SOPInstanceUID", _IMAGE_BOUNDS["sop_uid"])
     study_date_str = _text(ds, "StudyDate")
     if study_date_str is None:
         raise ExtractionError("StudyDate is required but missing or empty",
@@ -324,16 +259,14 @@ def _build(ds: Header, tenant_id: str, trace_id: str, worker_node_id: str, file_
     except ValueError as exc:
         raise ExtractionError(f"StudyDate must be in YYYYMMDD format: {exc}",
                               code=Code.INVALID_DATE, field="StudyDate") from None
-    sop_class_uid = _required(ds, "SOPClassUID")
+    sop_class_uid = _required(ds, "SOPClassUID", _IMAGE_BOUNDS["sop_class_uid"])
 
-    accession = _text(ds, "AccessionNumber")
-    if accession is None or len(accession.encode("utf-8")) > 16:
-        accession = accession_fallback(tenant_id, study_uid)
+    accession = accession_number(_text(ds, "AccessionNumber"), tenant_id, study_uid)
     study_hash = uid_hash(study_uid)
     series_hash = uid_hash(series_uid)
-    transfer_syntax = _transfer_syntax(ds)
-    if len(transfer_syntax) > 64:
-        raise ExtractionError("TransferSyntaxUID is longer than 64 bytes",
+    transfer_syntax = reader.transfer_syntax(ds)
+    if len(transfer_syntax) > _IMAGE_BOUNDS["transfer_syntax_uid"]:
+        raise ExtractionError(f"TransferSyntaxUID is longer than {_IMAGE_BOUNDS['transfer_syntax_uid']} bytes",
                               code=Code.VALUE_TOO_LONG, field="TransferSyntaxUID")
 
     state = DicomStateMeta(
@@ -346,24 +279,7 @@ def _build(ds: Header, tenant_id: str, trace_id: str, worker_node_id: str, file_
         study_date_origin=study_date_str,
         study_date=study_date,
         accession_number=accession,
-        patient_name=_bounded(ds, "PatientName", 64),
-        patient_sex=_bounded(ds, "PatientSex", 1),
-        patient_birth_date=_date(ds, "PatientBirthDate"),
-        patient_birth_time=_time(ds, "PatientBirthTime"),
-        patient_age=_bounded(ds, "PatientAge", 16),
-        patient_size=_float(ds, "PatientSize"),
-        patient_weight=_float(ds, "PatientWeight"),
-        study_time=_time(ds, "StudyTime"),
-        study_id=_bounded(ds, "StudyID", 16),
-        study_description=_bounded(ds, "StudyDescription", 64),
-        modality=_bounded(ds, "Modality", 16),
-        series_number=_int(ds, "SeriesNumber"),
-        series_date=_date(ds, "SeriesDate"),
-        series_time=_time(ds, "SeriesTime"),
-        series_description=_bounded(ds, "SeriesDescription", 256),
-        body_part_examined=_bounded(ds, "BodyPartExamined", 64),
-        protocol_name=_bounded(ds, "ProtocolName", 64),
-        series_related_instances=_int(ds, "NumberOfSeriesRelatedInstances"),
+        **_columns(ds, _STATE_COLUMNS, _STATE_BOUNDS),
         created_time=now,
         updated_time=now,
     )
@@ -378,28 +294,7 @@ def _build(ds: Header, tenant_id: str, trace_id: str, worker_node_id: str, file_
         study_date_origin=study_date_str,
         transfer_syntax_uid=transfer_syntax,
         sop_class_uid=sop_class_uid,
-        content_date=_date(ds, "ContentDate"),
-        content_time=_time(ds, "ContentTime"),
-        instance_number=_int(ds, "InstanceNumber"),
-        image_type=_bounded(ds, "ImageType", 128),
-        image_orientation_patient=_bounded(ds, "ImageOrientationPatient", 128),
-        image_position_patient=_bounded(ds, "ImagePositionPatient", 64),
-        slice_thickness=_float(ds, "SliceThickness"),
-        spacing_between_slices=_float(ds, "SpacingBetweenSlices"),
-        slice_location=_float(ds, "SliceLocation"),
-        samples_per_pixel=_int(ds, "SamplesPerPixel"),
-        photometric_interpretation=_bounded(ds, "PhotometricInterpretation", 32),
-        width=_int(ds, "Rows"),
-        columns=_int(ds, "Columns"),
-        bits_allocated=_int(ds, "BitsAllocated"),
-        bits_stored=_int(ds, "BitsStored"),
-        high_bit=_int(ds, "HighBit"),
-        pixel_representation=_int(ds, "PixelRepresentation"),
-        rescale_intercept=_float(ds, "RescaleIntercept"),
-        rescale_slope=_float(ds, "RescaleSlope"),
-        rescale_type=_bounded(ds, "RescaleType", 64),
-        window_center=_bounded(ds, "WindowCenter", 64),
-        window_width=_bounded(ds, "WindowWidth", 64),
+        **_columns(ds, _IMAGE_COLUMNS, _IMAGE_BOUNDS),
         image_status="ACTIVE",
         space_size=file_size,
         created_time=now,

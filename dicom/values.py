@@ -13,7 +13,9 @@ from datetime import date, time
 
 import seahash
 
-__all__ = ["parse_da", "parse_tm", "uid_hash", "accession_fallback"]
+from schemas.records import DicomStateMeta, bounds
+
+__all__ = ["parse_da", "parse_tm", "uid_hash", "accession_fallback", "accession_number"]
 
 _DA = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
 _TM = re.compile(r"^(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d{0,6}))?)?)?$")
@@ -60,3 +62,15 @@ def accession_fallback(tenant_id: str, study_uid: str) -> str:
     s = study_uid.encode("utf-8")[: 128 - len(t)]
     buf[len(t) : len(t) + len(s)] = s
     return f"X32CRC{zlib.crc32(bytes(buf))}"
+
+
+#: The series row's bound (``BoundedString<16>`` in the seeds); the transfer log's column is wider.
+_ACCESSION_MAX = bounds(DicomStateMeta)["accession_number"]
+
+
+def accession_number(accession: str | None, tenant_id: str, study_uid: str) -> str:
+    """The accession number as every record and event carries it: the header's value, or the
+    ``X32CRC`` fallback when it is missing, empty or longer than the series row's bound."""
+    if not accession or len(accession.encode("utf-8")) > _ACCESSION_MAX:
+        return accession_fallback(tenant_id, study_uid)
+    return accession

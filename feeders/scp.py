@@ -66,10 +66,10 @@ from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from core.errors import BrokerError, Code, ConfigError, ContractError, ExtractionError
+from core.net import no_delay
 from dicom.extract import TENANT_PRIVATE_TAG
 from dicom.headerscan import ScannedHeader, scan_bytes, scan_file
 from dicom.values import accession_fallback, parse_da, uid_hash
-from feeders.net import no_delay
 from feeders.storage import InstanceStore, Placement
 from feeders.tenancy import AssociationTenant, TenantResolver
 from schemas.codec import format_datetime

@@ -26,6 +26,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom import extract as extract_module
+from dicom import reader as reader_module
 from dicom.extract import _SCAN_TAGS, extract, looks_truncated
 from dicom.headerscan import ScannedHeader, scan_bytes, scan_file
 from tests.conftest import bundled_dicom_files
@@ -42,7 +43,9 @@ def _tag(keyword: str) -> int:
 
 @contextmanager
 def pydicom_only() -> Iterator[None]:
-    with mock.patch.object(extract_module, "scan_file", return_value=None):
+    # The fast scan lives in the one reader; without it every file is read by pydicom.
+    with mock.patch.object(reader_module, "scan_file", return_value=None), \
+            mock.patch.object(reader_module, "scan_bytes", return_value=None):
         yield
 
 

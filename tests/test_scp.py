@@ -36,6 +36,7 @@ from core.errors import BrokerError, Code, ConfigError, ExtractionError
 from core.settings import EMBEDDED_PROFILE, Settings
 from dicomflow.cli import main as cli_main
 from dicomflow.embedded.broker import EmbeddedBroker
+from dicomflow.tools.scu import send_paths
 from feeders.publisher import EventPublisher
 from feeders.scp import (
     CANNOT_UNDERSTAND,
@@ -51,7 +52,6 @@ from feeders.scp import (
     read_instance_header,
     serve,
 )
-from feeders.scu import send_paths
 from feeders.storage import UNKNOWN_STUDY_DATE, InstanceStore, safe_component
 from feeders.tenancy import AssociationTenant, TenantResolver
 from schemas.contract import validate_event

@@ -28,7 +28,7 @@ from pydicom.uid import MediaStorageDirectoryStorage
 from pynetdicom import AE
 from tqdm import tqdm
 
-from feeders.net import no_delay
+from core.net import no_delay
 
 __all__ = ["SendSummary", "iter_files", "send_paths"]
 

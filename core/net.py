@@ -1,4 +1,4 @@
-"""Socket tuning shared by the SCP and the SCU."""
+"""Socket tuning shared by the SCP (feeders) and the SCU (dicomflow.tools): stdlib only."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Client tools shipped with dicomflow (not feeders): the C-STORE SCU behind ``dicomflow send``."""
