@@ -1,0 +1,21 @@
+"""The stages. Each module registers its agents, timers and tables through ``register(app, settings)``.
+
+:func:`register_all` is called by ``streams.app.create_app``; nothing registers at import.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+    from streams.app import DicomflowApp
+
+__all__ = ["register_all"]
+
+
+def register_all(app: DicomflowApp, settings: Settings) -> None:
+    from agents import doris_sink, ingest, monitoring, postgres_sink, series
+
+    for stage in (ingest, series, postgres_sink, doris_sink, monitoring):
+        stage.register(app, settings)

@@ -24,76 +24,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.types import TP
 
-from dicomflow.status import committed_offsets
-from streams.admin import bootstrap_of
-from streams.app import settings
+from streams.broker import Record, read_range, start_offset
 
-__all__ = ["GapGuard", "Record", "read_range", "start_offset"]
+if TYPE_CHECKING:
+    from streams.app import DicomflowApp
+
+__all__ = ["GapGuard"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """A record read directly from the broker (stand-in for an event Faust skipped)."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    timestamp: float
-
-
-async def start_offset(topic: str, partition: int) -> int:
-    """Where the app's group resumes a partition: its committed offset, else the partition's first."""
-    bootstrap = bootstrap_of(settings.broker_url)
-    tp = TopicPartition(topic, partition)
-    committed = (await committed_offsets(bootstrap, settings.app_id, [tp])).get(tp)
-    if committed is not None:
-        return committed
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        return int((await consumer.beginning_offsets([tp]))[tp])
-    finally:
-        await consumer.stop()
-
-
-async def read_range(topic: str, partition: int, start: int | None, end: int | None) -> list[Record]:
-    """Records ``start <= offset < end`` of one partition (whole partition when None)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_of(settings.broker_url), enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tp = TopicPartition(topic, partition)
-        consumer.assign([tp])
-        if start is None:
-            await consumer.seek_to_beginning(tp)
-        else:
-            consumer.seek(tp, start)
-        stop = end if end is not None else (await consumer.end_offsets([tp]))[tp]
-        out: list[Record] = []
-        while await consumer.position(tp) < stop:
-            batch = await consumer.getmany(tp, timeout_ms=1000)
-            for r in batch.get(tp, []):
-                if r.offset < stop:
-                    out.append(Record(topic, partition, r.offset, r.key, r.value or b"", (r.timestamp or 0) / 1000.0))
-        return out
-    finally:
-        await consumer.stop()
 
 
 class GapGuard:
     """Per-partition expected offset of one source topic."""
 
-    def __init__(self, topic: str) -> None:
+    def __init__(self, app: DicomflowApp, topic: str) -> None:
         self.topic = topic
+        self.bootstrap = app.bootstrap
+        self.group = app.settings.app_id
         self.expect: dict[int, int] = {}
         self.stats: dict[str, float] = {"gap_records_recovered": 0}
 
@@ -107,7 +58,7 @@ class GapGuard:
         expect = self.expect.get(partition)
         if expect is None:
             try:
-                expect = await start_offset(self.topic, partition)
+                expect = await start_offset(self.bootstrap, self.group, self.topic, partition)
             except Exception as exc:  # nothing to compare with: trust the first event
                 log.warning("gap guard: start offset unavailable topic=%s partition=%s error=%s", self.topic,
                             partition, exc)
@@ -116,7 +67,7 @@ class GapGuard:
             return True, []
         missing: list[Record] = []
         if offset > expect:
-            missing = await read_range(self.topic, partition, expect, offset)
+            missing = await read_range(self.bootstrap, self.topic, partition, expect, offset)
             self.stats["gap_records_recovered"] += len(missing)
             log.warning("gap guard: Faust skipped offsets topic=%s partition=%s range=%s..%s recovered=%s",
                         self.topic, partition, expect, offset - 1, len(missing))

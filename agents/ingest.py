@@ -18,7 +18,7 @@ import multiprocessing
 from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from faust.types import EventT, StreamT
 
@@ -26,8 +26,13 @@ from agents.fanout import Outcome, Output, process_many
 from agents.gaps import GapGuard
 from agents.lanes import LaneSender
 from agents.sink_support import batches
-from streams.app import app, settings
-from streams.topics import BY_NAME, storage
+from streams.topology import STORAGE
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+    from streams.app import DicomflowApp
+
+__all__ = ["IngestStage", "register"]
 
 log = logging.getLogger(__name__)
 
@@ -35,113 +40,117 @@ log = logging.getLogger(__name__)
 #: small enough that a crash replays little.
 BATCH = 200
 BATCH_WITHIN_S = 0.05
+#: Events per parse task: small enough that sending the first chunk's outputs overlaps
+#: with parsing the next ones, large enough to amortise the process hop.
+CHUNK = 25
 
-_pool: ProcessPoolExecutor | None = None
-guard = GapGuard(storage.get_topic_name())
-guard.watch_revocations(app)
-app.metrics.register_counters("ingest_gaps", guard.stats)
-
-
-def _get_pool() -> ProcessPoolExecutor | None:
-    global _pool
-    if settings.ingest_processes <= 0:
-        return None
-    if _pool is None:
-        # spawn, not fork: the worker already runs aiokafka threads, and forking a
-        # threaded process can deadlock the child.
-        _pool = ProcessPoolExecutor(max_workers=settings.ingest_processes,
-                                    mp_context=multiprocessing.get_context("spawn"))
-
-        async def close() -> None:
-            pool = _pool
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
-
-        app.close_on_shutdown(close)
-    return _pool
+Item = tuple[bytes, bytes | None, dict[str, Any]]
 
 
-def _item(event: EventT) -> tuple[bytes, bytes | None, dict[str, Any]]:
+def _item(event: EventT) -> Item:
     msg = event.message
     raw = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
     key = event.key if isinstance(event.key, bytes) or event.key is None else str(event.key).encode()
     return raw, key, {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
 
 
-#: Events per parse task: small enough that sending the first chunk's outputs overlaps
-#: with parsing the next ones, large enough to amortise the process hop.
-CHUNK = 25
-
-
-async def _outcomes(items: list[tuple[bytes, bytes | None, dict[str, Any]]]) -> AsyncIterator[list[Outcome]]:
-    """Outcomes chunk by chunk, in order, as the pool finishes them."""
-    global _pool
-    pool = _get_pool()
-    if pool is None or len(items) < 2:
-        yield process_many(items, settings.storage_root, settings.worker_id)
-        return
-    chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
-    loop = asyncio.get_running_loop()
-    futures = [loop.run_in_executor(pool, process_many, c, settings.storage_root, settings.worker_id)
-               for c in chunks]
-    for i, future in enumerate(futures):
-        try:
-            yield await future
-        except BrokenProcessPool:
-            # A pool process died (e.g. OOM): finish inline and start a new pool next time.
-            log.error("ingest parse pool broke; processing the rest of the batch inline")
-            _pool = None
-            for other in futures[i + 1:]:
-                other.cancel()
-            for chunk in chunks[i:]:
-                yield process_many(chunk, settings.storage_root, settings.worker_id)
-            return
-
-
-@app.agent(storage)
-async def ingest(stream: StreamT[Any]) -> None:
-    loop = asyncio.get_running_loop()
-    async for events in batches(stream, BATCH, BATCH_WITHIN_S):
-        started = loop.time()
-        items: list[tuple[bytes, bytes | None, dict[str, Any]]] = []
-        for e in events:
-            _, missing = await guard.check(e.message.partition, e.message.offset)
-            items.extend((r.value, r.key, {"topic": r.topic, "partition": r.partition, "offset": r.offset})
-                         for r in missing)
-            items.append(_item(e))
-        failed = 0
-        done = 0
-        sender: LaneSender[Output] = LaneSender(_send, _lane)
-        try:
-            async for chunk in _outcomes(items):
-                for item, outcome in zip(items[done:done + len(chunk)], chunk, strict=True):
-                    for out in outcome.outputs:
-                        sender.add(out)
-                    failed += _account(item, outcome)
-                done += len(chunk)
-            lanes = sender.lanes
-            await sender.drain()
-        except BaseException:
-            sender.cancel()  # no send outlives a batch that is not going to be acked
-            raise
-        log.info("ingest batch events=%s dead_lettered=%s lanes=%s elapsed_s=%.3f", len(items), failed, lanes,
-                 loop.time() - started)
-
-
-async def _send(out: Output) -> None:
-    await BY_NAME[out.topic].send(key=out.key, value=out.value)
-
-
 def _lane(out: Output) -> tuple[str, bytes | None]:
     return out.topic, out.key
 
 
-def _account(item: tuple[bytes, bytes | None, dict[str, Any]], outcome: Outcome) -> int:
-    """Log and count one event's outcome; 1 if it was dead-lettered."""
-    if outcome.error is None:
-        log.debug("ingested trace_id=%s offset=%s", outcome.trace_id, item[2]["offset"])
-        return 0
-    app.metrics.dead_letters.labels("ingest", outcome.error.code).inc()
-    log.info("dead-lettered trace_id=%s code=%s field=%s offset=%s", outcome.trace_id, outcome.error.code,
-             outcome.error.field, item[2]["offset"])
-    return 1
+class IngestStage:
+    """storage_queue -> the outputs of each event, with the parse pool this worker owns."""
+
+    def __init__(self, app: DicomflowApp, settings: Settings) -> None:
+        self.app = app
+        self.storage_root = settings.storage_root
+        self.worker_id = settings.worker_id
+        self.processes = settings.ingest_processes
+        self.guard = GapGuard(app, STORAGE)
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _get_pool(self) -> ProcessPoolExecutor | None:
+        if self.processes <= 0:
+            return None
+        if self._pool is None:
+            # spawn, not fork: the worker already runs aiokafka threads, and forking a
+            # threaded process can deadlock the child.
+            self._pool = ProcessPoolExecutor(max_workers=self.processes,
+                                             mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _outcomes(self, items: list[Item]) -> AsyncIterator[list[Outcome]]:
+        """Outcomes chunk by chunk, in order, as the pool finishes them."""
+        pool = self._get_pool()
+        if pool is None or len(items) < 2:
+            yield process_many(items, self.storage_root, self.worker_id)
+            return
+        chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
+        loop = asyncio.get_running_loop()
+        futures = [loop.run_in_executor(pool, process_many, c, self.storage_root, self.worker_id) for c in chunks]
+        for i, future in enumerate(futures):
+            try:
+                yield await future
+            except BrokenProcessPool:
+                # A pool process died (e.g. OOM): finish inline and start a new pool next time.
+                log.error("ingest parse pool broke; processing the rest of the batch inline")
+                self._pool = None
+                for other in futures[i + 1:]:
+                    other.cancel()
+                for chunk in chunks[i:]:
+                    yield process_many(chunk, self.storage_root, self.worker_id)
+                return
+
+    async def consume(self, stream: StreamT[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        async for events in batches(stream, BATCH, BATCH_WITHIN_S):
+            started = loop.time()
+            items: list[Item] = []
+            for e in events:
+                _, missing = await self.guard.check(e.message.partition, e.message.offset)
+                items.extend((r.value, r.key, {"topic": r.topic, "partition": r.partition, "offset": r.offset})
+                             for r in missing)
+                items.append(_item(e))
+            failed = 0
+            done = 0
+            sender: LaneSender[Output] = LaneSender(self._send, _lane)
+            try:
+                async for chunk in self._outcomes(items):
+                    for item, outcome in zip(items[done:done + len(chunk)], chunk, strict=True):
+                        for out in outcome.outputs:
+                            sender.add(out)
+                        failed += self._account(item, outcome)
+                    done += len(chunk)
+                lanes = sender.lanes
+                await sender.drain()
+            except BaseException:
+                sender.cancel()  # no send outlives a batch that is not going to be acked
+                raise
+            log.info("ingest batch events=%s dead_lettered=%s lanes=%s elapsed_s=%.3f", len(items), failed, lanes,
+                     loop.time() - started)
+
+    async def _send(self, out: Output) -> None:
+        await self.app.queues.by_name[out.topic].send(key=out.key, value=out.value)
+
+    def _account(self, item: Item, outcome: Outcome) -> int:
+        """Log and count one event's outcome; 1 if it was dead-lettered."""
+        if outcome.error is None:
+            log.debug("ingested trace_id=%s offset=%s", outcome.trace_id, item[2]["offset"])
+            return 0
+        self.app.metrics.dead_letters.labels("ingest", outcome.error.code).inc()
+        log.info("dead-lettered trace_id=%s code=%s field=%s offset=%s", outcome.trace_id, outcome.error.code,
+                 outcome.error.field, item[2]["offset"])
+        return 1
+
+
+def register(app: DicomflowApp, settings: Settings) -> None:
+    stage = IngestStage(app, settings)
+    stage.guard.watch_revocations(app)
+    app.metrics.register_counters("ingest_gaps", stage.guard.stats)
+    app.close_on_shutdown(stage.close)
+    app.agent(app.queues.storage, name="ingest")(stage.consume)

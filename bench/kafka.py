@@ -8,7 +8,7 @@ from types import TracebackType
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams.admin import bootstrap_of
+from streams.broker import bootstrap_of
 
 __all__ = ["OffsetProbe"]
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from core.errors import ConfigError
 
-__all__ = ["Secret", "Settings", "mask_dsn", "BrokerProfile", "EMBEDDED_PROFILE", "PRODUCTION_PROFILE"]
+__all__ = ["Secret", "Settings", "mask_dsn", "child_env", "BrokerProfile", "EMBEDDED_PROFILE", "PRODUCTION_PROFILE"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,17 @@ def mask_dsn(dsn: str) -> str:
         return dsn
     netloc = parts.netloc.replace(f":{parts.password}@", ":****@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def child_env(extra: Mapping[str, str] | None = None, *, drop_prefixes: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment for a child process: this process's, minus ``drop_prefixes``, plus ``extra``.
+
+    Here, so that settings stay the only module that reads the environment.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop_prefixes)} if drop_prefixes \
+        else dict(os.environ)
+    env.update(extra or {})
+    return env
 
 
 N = TypeVar("N", int, float)
@@ -169,11 +180,21 @@ class Settings:
     broker_profile: str
     embedded_broker_port: int
     replication: int
+    workers: int = 1
+    tansu_log: str = "warn"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``env`` (default: the process environment).
+
+        ``overrides`` are variables by name (``DICOMFLOW_BROKER="kafka://…"``) that win over
+        the environment, for command-line flags; ``None`` means "not given".
+        """
         env = os.environ if env is None else env
+        given = {name: str(value) for name, value in overrides.items() if value is not None}
+        if given:
+            env = {**env, **given}
         home = Path(env.get("DICOMFLOW_HOME") or Path.home() / ".dicomflow").expanduser()
         storage_root = Path(env.get("DICOMFLOW_STORAGE_ROOT") or home / "storage").expanduser()
         broker = env.get("DICOMFLOW_BROKER") or None
@@ -229,6 +250,8 @@ class Settings:
             broker_profile=_profile(env, broker),
             embedded_broker_port=_int(env, "DICOMFLOW_EMBEDDED_BROKER_PORT", 19092, minimum=1),
             replication=_int(env, "DICOMFLOW_REPLICATION", 1, minimum=1),
+            workers=_int(env, "DICOMFLOW_WORKERS", 1, minimum=1),
+            tansu_log=env.get("TANSU_LOG") or "warn",
         )
 
     def replace(self, **changes: Any) -> Settings:

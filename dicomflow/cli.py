@@ -18,11 +18,10 @@ __all__ = ["main"]
 
 
 def _settings(**overrides: Any) -> Any:
+    """Settings from the environment; ``overrides`` are flags given by variable name (None: not given)."""
     from core.settings import Settings
 
-    settings = Settings.from_env()
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    return settings.replace(**changes) if changes else settings
+    return Settings.from_env(**overrides)
 
 
 @click.group()
@@ -64,19 +63,10 @@ def _storage_relative(path: Path) -> str:
     return str(resolved.relative_to(root)) if root in resolved.parents else str(path)
 
 
-def _apply_overrides(**env: Any) -> None:
-    """CLI flags override the environment; settings are read from it afterwards."""
-    import os
-
-    for name, value in env.items():
-        if value is not None:
-            os.environ[name] = str(value)
-
-
 def _logging(level: str) -> None:
-    import logging
+    from core.logs import setup_logging
 
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(level)
 
 
 @main.command()
@@ -86,14 +76,18 @@ def _logging(level: str) -> None:
 @click.option("--loglevel", "-l", default=None, help="Log level (DICOMFLOW_LOG_LEVEL).")
 def worker(broker: str | None, partitions: int | None, web_port: int | None, loglevel: str | None) -> None:
     """Run a Faust worker (same as `faust -A streams.app worker`)."""
-    _apply_overrides(DICOMFLOW_BROKER=broker, DICOMFLOW_PARTITIONS=partitions, DICOMFLOW_WEB_PORT=web_port,
-                     DICOMFLOW_LOG_LEVEL=loglevel)
-    from streams.app import app, settings
+    from dicomflow.embedded.broker import embedded_broker_for
+    from streams.app import create_app, run_worker
 
-    # uvloop takes roughly 15% of Faust's per-event CPU (faust-pitfalls §3).
-    sys.argv = ["dicomflow-worker", "--loop", "uvloop", "worker", "-l", settings.log_level.lower(), "--web-port",
-                str(settings.web_port), "--web-host", "127.0.0.1"]
-    app.main()
+    settings = _settings(DICOMFLOW_BROKER=broker, DICOMFLOW_PARTITIONS=partitions, DICOMFLOW_WEB_PORT=web_port,
+                         DICOMFLOW_LOG_LEVEL=loglevel)
+    # With no broker configured, this worker runs on the embedded one (started here if none listens).
+    embedded = _run_or_exit(lambda: embedded_broker_for(settings))
+    try:
+        run_worker(create_app(settings))
+    finally:
+        if embedded is not None:
+            embedded.stop()
 
 
 @main.command()
@@ -105,8 +99,7 @@ def backfill(directory: Path, tenant: str, broker: str | None, no_progress: bool
     """Publish one storage event per file below DIRECTORY (inside the storage root)."""
     from feeders.backfill import backfill as run_backfill
 
-    _apply_overrides(DICOMFLOW_BROKER=broker)
-    settings = _settings()
+    settings = _settings(DICOMFLOW_BROKER=broker)
     summary = _with_publisher(settings, lambda publisher: run_backfill(
         directory, storage_root=settings.storage_root, tenant=tenant, worker=settings.worker_id,
         publisher=publisher, progress=not no_progress))
@@ -125,10 +118,9 @@ def backfill(directory: Path, tenant: str, broker: str | None, no_progress: bool
 def replay_dlq(code: str | None, broker: str | None, resume: bool) -> None:
     """Re-publish dead letters to storage_queue once their cause is fixed."""
     from feeders.replay import replay_dead_letters
-    from streams.admin import bootstrap_of
+    from streams.broker import bootstrap_of
 
-    _apply_overrides(DICOMFLOW_BROKER=broker)
-    settings = _settings()
+    settings = _settings(DICOMFLOW_BROKER=broker)
     group = f"{settings.app_id}-replay-dlq-{code or 'all'}" if resume else None
     summary = _with_publisher(settings, lambda publisher: replay_dead_letters(
         bootstrap_of(settings.broker_url), publisher, code=code, resume_group=group))
@@ -140,14 +132,11 @@ def replay_dlq(code: str | None, broker: str | None, resume: bool) -> None:
 @click.option("--workers", type=int, default=None, help="Worker processes (DICOMFLOW_WORKERS, default 1).")
 def up(workers: int | None) -> None:
     """Run the whole stack: embedded broker and PostgreSQL (unless configured), worker(s), SCP."""
-    import os
-
     from dicomflow.stack import Stack
 
-    settings = _settings()
+    settings = _settings(DICOMFLOW_WORKERS=workers)
     _logging(settings.log_level)
-    count = workers or int(os.environ.get("DICOMFLOW_WORKERS", "1") or 1)
-    stack = Stack(settings, workers=count, echo=click.echo)
+    stack = Stack(settings, workers=settings.workers, echo=click.echo)
     try:
         info = _run_or_exit(stack.start)
         ready = stack.wait_ready(timeout=90)
@@ -179,8 +168,7 @@ def scp(port: int | None, aet: str | None, broker: str | None) -> None:
 
     from feeders.scp import serve
 
-    _apply_overrides(DICOMFLOW_SCP_PORT=port, DICOMFLOW_SCP_AET=aet, DICOMFLOW_BROKER=broker)
-    settings = _settings()
+    settings = _settings(DICOMFLOW_SCP_PORT=port, DICOMFLOW_SCP_AET=aet, DICOMFLOW_BROKER=broker)
     _logging(settings.log_level)
 
     def started(server: Any) -> None:
@@ -230,13 +218,12 @@ def status(as_json: bool, broker: str | None) -> None:
 
     from core.settings import mask_dsn
     from dicomflow.stack import read_stack_file
-    from dicomflow.status import CONSUMED_TOPICS, CONSUMED_WITHOUT_DORIS, collect_status
+    from dicomflow.status import collect_status
 
     settings = _settings()
     stack = read_stack_file(settings.home)
     url = broker or settings.broker or stack.get("broker") or settings.broker_url
-    consumed = CONSUMED_TOPICS if settings.doris_enabled else CONSUMED_WITHOUT_DORIS
-    report = _run_or_exit(lambda: asyncio.run(collect_status(url, settings.app_id, consumed)))
+    report = _run_or_exit(lambda: asyncio.run(collect_status(url, settings.app_id, doris=settings.doris_enabled)))
     if settings.postgres_dsn is not None:
         report["postgres_dsn"] = mask_dsn(settings.postgres_dsn.get())
     else:

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.settings import Settings, mask_dsn
-from dicomflow.embedded.broker import EmbeddedBroker
+from core.errors import BrokerError
+from core.settings import Settings, child_env, mask_dsn
+from dicomflow.embedded.broker import EmbeddedBroker, embedded_broker_for
 
 __all__ = ["Stack", "read_stack_file"]
 
@@ -51,11 +52,15 @@ class Stack:
         s = self.settings
         s.home.mkdir(parents=True, exist_ok=True)
         s.storage_root.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items()}
+        env = child_env()
         env["DICOMFLOW_HOME"] = str(s.home)
         env["DICOMFLOW_STORAGE_ROOT"] = str(s.storage_root)
         if s.broker is None:
-            self.broker = EmbeddedBroker(port=s.embedded_broker_port, log_path=s.home / "tansu.log").start()
+            self.broker = embedded_broker_for(s)
+            if self.broker is None:
+                raise BrokerError(f"port {s.embedded_broker_port} is already in use: another dicomflow stack "
+                                  "(maybe a stale one on this DICOMFLOW_HOME) or another program; stop it, "
+                                  "or set DICOMFLOW_EMBEDDED_BROKER_PORT")
             env["DICOMFLOW_BROKER"] = self.broker.url
             env["DICOMFLOW_BROKER_PROFILE"] = "tansu"
         broker_url = env.get("DICOMFLOW_BROKER", s.broker_url)

@@ -8,89 +8,19 @@ Note: on the embedded Tansu broker end offsets can be off after multi-record bat
 
 from __future__ import annotations
 
-import asyncio
-from collections import Counter
 from typing import Any
 
-import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from streams.broker import bootstrap_of, committed_offsets, count_codes, end_offsets
+from streams.topology import TOPICS, consumed_topics
 
-from streams.admin import bootstrap_of
-from streams.topology import DLQ, IMAGE, LOG, SERIES_INSTANCES, SINK_DLQ, STATE, STORAGE
-
-__all__ = ["collect_status", "end_offsets", "committed_offsets", "CONSUMED_TOPICS", "CONSUMED_WITHOUT_DORIS"]
-
-#: Topics the app's consumer group reads (lag is meaningful for these); image and log
-#: are read only by the Doris sink.
-CONSUMED_TOPICS = (STORAGE, SERIES_INSTANCES, STATE, IMAGE, LOG)
-CONSUMED_WITHOUT_DORIS = (STORAGE, SERIES_INSTANCES, STATE)
+__all__ = ["collect_status", "sink_counters"]
 
 
-async def end_offsets(bootstrap: str, topics: list[str]) -> dict[TopicPartition, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])]
-        return dict(await consumer.end_offsets(tps)) if tps else {}
-    finally:
-        await consumer.stop()
-
-
-async def _dead_letter_codes(bootstrap: str, topic: str) -> dict[str, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    counts: Counter[str] = Counter()
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        if not tps:
-            return {}
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while loop.time() < deadline:
-            positions = {tp: await consumer.position(tp) for tp in tps}
-            if all(positions[tp] >= ends[tp] for tp in tps):
-                break
-            batch = await consumer.getmany(timeout_ms=500)
-            for tp, records in batch.items():
-                for r in records:
-                    if r.offset >= ends[tp]:
-                        continue
-                    try:
-                        code = orjson.loads(r.value or b"{}").get("error", {}).get("code", "UNKNOWN")
-                    except (orjson.JSONDecodeError, AttributeError):
-                        code = "UNDECODABLE"
-                    counts[str(code)] += 1
-        return dict(counts)
-    finally:
-        await consumer.stop()
-
-
-async def committed_offsets(bootstrap: str, group: str, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-    """The group's committed offsets (OffsetFetch), without joining the group.
-
-    aiokafka's admin ``list_consumer_group_offsets`` sends an OffsetFetch version that
-    Tansu answers by closing the connection; the consumer's ``committed()`` works on
-    both Tansu and Kafka/Redpanda, and never subscribes, so it cannot cause a rebalance.
-    """
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        out: dict[TopicPartition, int] = {}
-        for tp in tps:
-            offset = await consumer.committed(tp)
-            if offset is not None and offset >= 0:
-                out[tp] = offset
-        return out
-    finally:
-        await consumer.stop()
-
-
-async def collect_status(broker_url: str, group: str, consumed: tuple[str, ...] = CONSUMED_TOPICS) -> dict[str, Any]:
+async def collect_status(broker_url: str, group: str, *, doris: bool) -> dict[str, Any]:
     bootstrap = bootstrap_of(broker_url)
-    ends = await end_offsets(bootstrap, [*CONSUMED_TOPICS, DLQ, SINK_DLQ])
+    consumed = consumed_topics(doris)
+    letters = [t.name for t in TOPICS if t.dead_letters]
+    ends = await end_offsets(bootstrap, [*consumed_topics(True), *letters])
     committed = await committed_offsets(bootstrap, group, [tp for tp in ends if tp.topic in consumed])
     topics: dict[str, list[dict[str, Any]]] = {}
     total_lag = 0
@@ -107,8 +37,7 @@ async def collect_status(broker_url: str, group: str, consumed: tuple[str, ...] 
         "group": group,
         "topics": topics,
         "total_lag": total_lag,
-        "dead_letters": {DLQ: await _dead_letter_codes(bootstrap, DLQ),
-                         SINK_DLQ: await _dead_letter_codes(bootstrap, SINK_DLQ)},
+        "dead_letters": {name: await count_codes(bootstrap, name) for name in letters},
     }
 
 

@@ -15,7 +15,7 @@ from aiokafka.errors import KafkaError
 from core.errors import BrokerError
 from core.settings import BrokerProfile
 from schemas import codec
-from streams.admin import bootstrap_of, ensure_topics
+from streams.broker import bootstrap_of, ensure_topics
 from streams.topology import ALL_TOPICS, STORAGE
 
 __all__ = ["EventPublisher"]

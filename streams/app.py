@@ -1,13 +1,16 @@
-"""The one Faust application, built from settings.
+"""The Faust application factory: ``create_app(settings)`` builds the app and registers every stage.
 
-``faust -A streams.app worker`` and ``dicomflow worker`` both run it. Before any
-Kafka client starts (``on_first_start``), it starts the embedded Tansu broker when
-DICOMFLOW_BROKER is unset, and creates every topic with its partition count.
+Nothing is built at import. ``dicomflow worker`` calls :func:`create_app` and
+:func:`run_worker`; ``faust -A streams.app worker`` finds a module attribute ``app``,
+which is created from the environment on first access (PEP 562), not at import.
+
+The app does not start servers: the embedded broker belongs to ``dicomflow`` (``up`` and
+``worker``). Before any Kafka client starts (``on_first_start``) it creates every topic
+with its partition count, then starts each registered resource (the sinks) explicitly.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,45 +19,53 @@ import faust
 from faust.types import TransportT
 
 from core.settings import BrokerProfile, Settings
-from dicomflow.embedded.broker import EmbeddedBroker
-from dicomflow.embedded.ports import wait_for_port
-from streams.admin import bootstrap_of, ensure_topics
+from streams.broker import bootstrap_of, ensure_topics
 from streams.metrics import Metrics, setup_metrics
+from streams.topics import Topics
 from streams.topology import ALL_TOPICS
 from streams.transport import ProfiledTransport
 
-__all__ = ["DicomflowApp", "create_app", "app", "settings"]
+__all__ = ["DicomflowApp", "create_app", "run_worker"]
 
 log = logging.getLogger(__name__)
 
 
 class DicomflowApp(faust.App):
-    """faust.App plus dicomflow's start-up duties."""
+    """faust.App plus dicomflow's settings, topics, metrics and start-up duties."""
 
-    dicomflow: Settings
+    settings: Settings
     profile: BrokerProfile
-    closers: list[Callable[[], Awaitable[None]]]
+    #: dicomflow's topic objects (``app.queues.state``, ``app.queues.by_name``). Not ``app.topics``:
+    #: that name is Faust's own topic conductor.
+    queues: Topics
     metrics: Metrics
-    _embedded_broker: EmbeddedBroker | None = None
+    starters: list[Callable[[], Awaitable[None]]]
+    closers: list[Callable[[], Awaitable[None]]]
+
+    @property
+    def bootstrap(self) -> str:
+        """The broker in aiokafka's ``host:port`` form, for the helpers in streams/broker.py."""
+        return bootstrap_of(self.settings.broker_url)
 
     def _new_transport(self) -> TransportT:
         # Faust's aiokafka transport, with the consumer's fetch wait from the broker profile.
         return ProfiledTransport(self.conf.broker_consumer, self)
 
+    def start_with(self, start: Callable[[], Awaitable[None]]) -> None:
+        """Await ``start`` once at worker start, after the topics exist and before agents consume."""
+        self.starters.append(start)
+
     def close_on_shutdown(self, stop: Callable[[], Awaitable[None]]) -> None:
-        """Register a sink's ``stop`` to run when the worker shuts down."""
+        """Register a resource's ``stop`` to run when the worker shuts down."""
         self.closers.append(stop)
 
     async def on_first_start(self) -> None:
         await super().on_first_start()
-        s = self.dicomflow
+        s = self.settings
         log.info("dicomflow settings %s", s.describe())
-        if s.embedded_broker and not wait_for_port("127.0.0.1", s.embedded_broker_port, 0.2):
-            broker = EmbeddedBroker(port=s.embedded_broker_port, log_path=s.home / "tansu.log")
-            s.home.mkdir(parents=True, exist_ok=True)
-            await asyncio.get_running_loop().run_in_executor(None, broker.start)
-            self._embedded_broker = broker
-        await ensure_topics(bootstrap_of(s.broker_url), ALL_TOPICS, s.partitions, replication=s.replication)
+        await ensure_topics(self.bootstrap, ALL_TOPICS, s.partitions, replication=s.replication)
+        for start in self.starters:
+            await start()
 
     async def on_shutdown(self) -> None:
         await super().on_shutdown()
@@ -62,13 +73,13 @@ class DicomflowApp(faust.App):
             try:
                 await stop()
             except Exception:
-                log.exception("error while closing a sink")
-        if self._embedded_broker is not None:
-            self._embedded_broker.stop()
-            self._embedded_broker = None
+                log.exception("error while closing a resource")
 
 
 def create_app(settings: Settings) -> DicomflowApp:
+    """Build the app for ``settings`` and register its topics, tables and agents."""
+    from agents import register_all  # agents sit above streams: imported when an app is built
+
     profile = settings.profile
     conf: dict[str, Any] = {
         "broker": settings.broker_url,
@@ -86,16 +97,43 @@ def create_app(settings: Settings) -> DicomflowApp:
         "consumer_auto_offset_reset": "earliest",
         "web_port": settings.web_port,
         "web_host": "127.0.0.1",
-        "autodiscover": ["agents", "tables"],
+        "autodiscover": False,
         "origin": "streams.app",
     }
     app = DicomflowApp(settings.app_id, **conf)
-    app.dicomflow = settings
-    app.closers = []
+    app.settings = settings
     app.profile = profile
+    app.starters = []
+    app.closers = []
     app.metrics = setup_metrics(app)
+    app.queues = Topics(app, settings.partitions)
+    register_all(app, settings)
     return app
 
 
-settings = Settings.from_env()
-app = create_app(settings)
+def run_worker(app: DicomflowApp) -> None:
+    """Run Faust's worker command for ``app`` (what ``app.main()`` does, with explicit arguments).
+
+    uvloop takes roughly 15% of Faust's per-event CPU (faust-pitfalls §3).
+    """
+    from faust.cli.faust import cli
+
+    s = app.settings
+    app.finalize()
+    app.worker_init()
+    app.worker_init_post_autodiscover()
+    args = ["--loop", "uvloop", "worker", "-l", s.log_level.lower(), "--web-port", str(s.web_port),
+            "--web-host", "127.0.0.1"]
+    cli.main(args=args, prog_name="dicomflow worker", app=app)
+
+
+_lazy: dict[str, DicomflowApp] = {}
+
+
+def __getattr__(name: str) -> Any:
+    # ``faust -A streams.app`` reads ``streams.app.app``: build it on first access only.
+    if name == "app":
+        if "app" not in _lazy:
+            _lazy["app"] = create_app(Settings.from_env())
+        return _lazy["app"]
+    raise AttributeError(name)

@@ -1,32 +1,43 @@
-"""Topic declarations. Values and keys are raw bytes: the codecs are orjson, applied by
-the stages themselves, so that a message that is not even JSON reaches the ingest
-agent (and its dead-letter path) instead of crashing Faust's deserializer."""
+"""The Faust topic objects of one app, made from the topology's single list.
+
+Values and keys are raw bytes: the codecs are orjson, applied by the stages themselves,
+so that a message that is not even JSON reaches the ingest agent (and its dead-letter
+path) instead of crashing Faust's deserializer.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from faust.types import TopicT
 
 from streams import topology
-from streams.app import app, settings
 
-__all__ = ["storage", "state", "image", "log", "dlq", "series_instances", "sink_dlq", "doris_intents", "BY_NAME"]
-
-
-def _topic(name: str) -> TopicT:
-    return app.topic(name, partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                     key_serializer="raw", value_serializer="raw")
+__all__ = ["Topics"]
 
 
-storage = _topic(topology.STORAGE)
-state = _topic(topology.STATE)
-image = _topic(topology.IMAGE)
-log = _topic(topology.LOG)
-dlq = _topic(topology.DLQ)
-series_instances = _topic(topology.SERIES_INSTANCES)
-sink_dlq = _topic(topology.SINK_DLQ)
-doris_intents = _topic(topology.DORIS_INTENTS)
+class Topics:
+    """Every topic of :data:`streams.topology.TOPICS`, by attribute and by name."""
 
-#: Topic objects by name, for stages whose outputs are computed as (topic name, key, value).
-BY_NAME: dict[str, TopicT] = {t.get_topic_name(): t for t in
-                              (storage, state, image, log, dlq, series_instances, sink_dlq,
-                               doris_intents)}
+    storage: TopicT
+    state: TopicT
+    image: TopicT
+    log: TopicT
+    dlq: TopicT
+    series_instances: TopicT
+    sink_dlq: TopicT
+    doris_intents: TopicT
+
+    def __init__(self, app: Any, partitions: int) -> None:
+        self.by_name: dict[str, TopicT] = {
+            spec.name: app.topic(spec.name, partitions=partitions, key_type=bytes, value_type=bytes,
+                                 key_serializer="raw", value_serializer="raw")
+            for spec in topology.TOPICS}
+        self.storage = self.by_name[topology.STORAGE]
+        self.state = self.by_name[topology.STATE]
+        self.image = self.by_name[topology.IMAGE]
+        self.log = self.by_name[topology.LOG]
+        self.dlq = self.by_name[topology.DLQ]
+        self.series_instances = self.by_name[topology.SERIES_INSTANCES]
+        self.sink_dlq = self.by_name[topology.SINK_DLQ]
+        self.doris_intents = self.by_name[topology.DORIS_INTENTS]

@@ -1,27 +1,78 @@
-"""Topic names and the broker profile: shared by the Faust app, the feeders and the tools.
+"""The topology: the one list of dicomflow's topics, and what flows on each.
 
-Plain data, no Faust import, so feeders and `dicomflow status` stay light.
+Everything that needs a topic list reads it from here: topic creation, the Faust topic
+objects (streams/topics.py), the ingest fan-out's routing, the Doris sink stages, the
+lag gauge and ``dicomflow status``. Adding an output topic means adding one
+:class:`TopicSpec` here; a Doris-loaded one names its table kind as well.
+
+Plain data, no Faust import, so feeders and ``dicomflow status`` stay light.
 """
 
 from __future__ import annotations
 
-__all__ = ["STORAGE", "STATE", "IMAGE", "LOG", "DLQ", "SERIES_INSTANCES", "SINK_DLQ", "DORIS_INTENTS", "ALL_TOPICS"]
+from dataclasses import dataclass
+
+__all__ = ["TopicSpec", "TOPICS", "ALL_TOPICS", "BY_NAME", "DORIS_OUTPUTS", "consumed_topics",
+           "STORAGE", "STATE", "IMAGE", "LOG", "DLQ", "SERIES_INSTANCES", "SINK_DLQ", "DORIS_INTENTS"]
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """One topic: its name, what its key and value are, and who reads it."""
+
+    name: str
+    #: What the message key is (the series key keeps one series in one partition).
+    key: str
+    #: The record a value holds (a ``schemas.records`` class name, or an envelope's name).
+    value: str
+    #: Read by the app's consumer group (so its lag is meaningful).
+    consumed: bool = False
+    #: Read only when the Doris sink is on.
+    consumed_by_doris: bool = False
+    #: Doris table kind loaded from this topic (``settings.doris_tables[kind]``), if any.
+    doris_kind: str | None = None
+    #: Transfer-log rows may repeat after an ingest replay: de-duplicate by trace id.
+    dedup_trace: bool = False
+    #: A dead-letter topic (``status`` counts its letters by error code).
+    dead_letters: bool = False
+    why: str = ""
+
 
 STORAGE = "storage_queue"
 STATE = "dicom_state_queue"
 IMAGE = "dicom_image_queue"
 LOG = "log_queue"
 DLQ = "storage_queue_dlq"
-#: Internal: per-instance DicomStateMeta from ingest to the series window, keyed by series.
 SERIES_INSTANCES = "dicomflow_series_instances"
-#: Dead letters of the sinks: rows PostgreSQL or Doris refused as data.
 SINK_DLQ = "dicomflow_sink_dlq"
-
-#: Durable record of each Doris batch's offset range, written before the load, so that a
-#: restarted sink rebuilds exactly the same batches (and labels). Keyed ``table:partition``
-#: and written to the partition of the source it describes.
 DORIS_INTENTS = "dicomflow_doris_intents"
 
-ALL_TOPICS = (STORAGE, STATE, IMAGE, LOG, DLQ, SERIES_INSTANCES, SINK_DLQ, DORIS_INTENTS)
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec(STORAGE, "series key (or none)", "StorageEvent", consumed=True,
+              why="storage events from the feeders: the pipeline's input"),
+    TopicSpec(SERIES_INSTANCES, "series key", "series instance", consumed=True,
+              why="internal: per-instance DicomStateMeta from ingest to the series window"),
+    TopicSpec(STATE, "series key", "DicomStateMeta", consumed=True, doris_kind="state",
+              why="one debounced series state per window"),
+    TopicSpec(IMAGE, "series key", "DicomImageMeta", consumed_by_doris=True, doris_kind="image",
+              why="one row per instance"),
+    TopicSpec(LOG, "series key (trace id for failures)", "DicomObjectMeta", consumed_by_doris=True,
+              doris_kind="object", dedup_trace=True, why="the transfer log, failures included"),
+    TopicSpec(DLQ, "event key", "dead letter", dead_letters=True,
+              why="storage events the pipeline refused, with the reason"),
+    TopicSpec(SINK_DLQ, "series key", "dead letter", dead_letters=True,
+              why="rows PostgreSQL or Doris refused as data"),
+    TopicSpec(DORIS_INTENTS, "table:partition", "offset ranges",
+              why="each Doris batch's offset range, written before the load, so a restarted sink "
+                  "rebuilds the same batches and labels; written to the partition it describes"),
+)
+
+BY_NAME: dict[str, TopicSpec] = {t.name: t for t in TOPICS}
+ALL_TOPICS: tuple[str, ...] = tuple(t.name for t in TOPICS)
+#: The topics the Doris sink loads, one stage each.
+DORIS_OUTPUTS: tuple[TopicSpec, ...] = tuple(t for t in TOPICS if t.doris_kind is not None)
 
 
+def consumed_topics(doris: bool) -> tuple[str, ...]:
+    """The topics the app's consumer group reads, with or without the Doris sink."""
+    return tuple(t.name for t in TOPICS if t.consumed or (doris and t.consumed_by_doris))

@@ -25,46 +25,42 @@ from typing import Any
 
 import orjson
 
-from streams.app import app, settings
-
-__all__ = ["get_window", "set_window", "iter_windows", "get_marker", "set_marker", "window_start",
-           "marker_key", "changelog_topic"]
-
-# Keys and values are bytes (the app's raw serializers); values are orjson documents.
-_window: Any = app.Table("series_window", default=None, partitions=settings.partitions, key_type=bytes,
-                         value_type=bytes)
-_seen: Any = app.Table("series_seen", default=None, partitions=settings.partitions, key_type=bytes,
-                       value_type=bytes)
+__all__ = ["SeriesTables", "window_start", "marker_key"]
 
 
-def get_window(key: bytes) -> dict[str, Any] | None:
-    raw = _window.get(key)
-    return orjson.loads(raw) if raw else None
+class SeriesTables:
+    """The two changelogged tables of one app. Keys and values are bytes (the app's raw
+    serializers); values are orjson documents."""
 
+    def __init__(self, app: Any, partitions: int) -> None:
+        self._window: Any = app.Table("series_window", default=None, partitions=partitions, key_type=bytes,
+                                      value_type=bytes)
+        self._seen: Any = app.Table("series_seen", default=None, partitions=partitions, key_type=bytes,
+                                    value_type=bytes)
 
-def set_window(key: bytes, agg: dict[str, Any]) -> None:
-    """Only from inside stream iteration: the write goes to the current event's partition."""
-    _window[key] = orjson.dumps(agg)
+    def get_window(self, key: bytes) -> dict[str, Any] | None:
+        raw = self._window.get(key)
+        return orjson.loads(raw) if raw else None
 
+    def set_window(self, key: bytes, agg: dict[str, Any]) -> None:
+        """Only from inside stream iteration: the write goes to the current event's partition."""
+        self._window[key] = orjson.dumps(agg)
 
-def iter_windows() -> Iterator[tuple[bytes, dict[str, Any]]]:
-    """Every aggregate in this worker's local store (active and standby partitions)."""
-    for key, raw in list(_window.items()):
-        if raw:
-            yield key, orjson.loads(raw)
+    def iter_windows(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        """Every aggregate in this worker's local store (active and standby partitions)."""
+        for key, raw in list(self._window.items()):
+            if raw:
+                yield key, orjson.loads(raw)
 
+    def get_marker(self, key: bytes) -> int | None:
+        raw = self._seen.get(key)
+        return int(raw) if raw else None
 
-def get_marker(key: bytes) -> int | None:
-    raw = _seen.get(key)
-    return int(raw) if raw else None
+    def set_marker(self, key: bytes, offset: int) -> None:
+        self._seen[key] = str(offset).encode()
 
-
-def set_marker(key: bytes, offset: int) -> None:
-    _seen[key] = str(offset).encode()
-
-
-def changelog_topic() -> str:
-    return str(_window.changelog_topic.get_topic_name())
+    def changelog_topic(self) -> str:
+        return str(self._window.changelog_topic.get_topic_name())
 
 
 def window_start(timestamp: float, size: float) -> float:

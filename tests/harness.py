@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydicom.uid import generate_uid
 
 from dicomflow.embedded.ports import free_port
-from streams.admin import bootstrap_of
+from streams.broker import bootstrap_of
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from agents import gaps
-from core.settings import Settings
 from dicomflow.embedded.broker import EmbeddedBroker
-from streams.admin import ensure_topics
+from streams.broker import ensure_topics
 
 TOPIC = "gap_guard_test"
 
 
+def _app(broker: EmbeddedBroker) -> Any:
+    """What the guard reads of an app: the broker and the group."""
+    return SimpleNamespace(bootstrap=broker.bootstrap, settings=SimpleNamespace(app_id="gap-guard-test"))
+
+
 @pytest.fixture
-async def topic(fresh_broker: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    settings = Settings.from_env({"DICOMFLOW_HOME": str(tmp_path), "DICOMFLOW_BROKER": fresh_broker.url,
-                                  "DICOMFLOW_APP_ID": "gap-guard-test"})
-    monkeypatch.setattr(gaps, "settings", settings)
+async def topic(fresh_broker: EmbeddedBroker) -> str:
     await ensure_topics(fresh_broker.bootstrap, [TOPIC], 1)
     producer = AIOKafkaProducer(bootstrap_servers=fresh_broker.bootstrap, max_batch_size=1)
     await producer.start()
@@ -31,10 +33,11 @@ async def topic(fresh_broker: EmbeddedBroker, tmp_path: Path, monkeypatch: pytes
     return TOPIC
 
 
-async def test_without_a_committed_offset_the_guard_expects_the_first_offset(topic: str) -> None:
+async def test_without_a_committed_offset_the_guard_expects_the_first_offset(topic: str,
+                                                                             fresh_broker: EmbeddedBroker) -> None:
     # A predecessor killed before its first commit: Faust starts this partition at the
     # beginning, so a first event at offset 5 means 0..4 never arrived.
-    guard = gaps.GapGuard(topic)
+    guard = gaps.GapGuard(_app(fresh_broker), topic)
     again, missing = await guard.check(0, 5)
     assert not again
     assert [r.offset for r in missing] == [0, 1, 2, 3, 4]
@@ -54,7 +57,7 @@ async def test_with_a_committed_offset_the_guard_starts_there(topic: str, fresh_
         await consumer.commit({tp: 7})
     finally:
         await consumer.stop()
-    guard = gaps.GapGuard(topic)
+    guard = gaps.GapGuard(_app(fresh_broker), topic)
     assert await guard.check(0, 7) == (False, [])
     guard.forget([gaps.TP(topic, 0)])
     again, missing = await guard.check(0, 9)

@@ -7,14 +7,14 @@ DICOMFLOW_BROKER is unset, and by the test suite.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 from pathlib import Path
 
 from core.errors import BrokerError
+from core.settings import Settings, child_env
 from dicomflow.embedded.ports import free_port, wait_for_port
 
-__all__ = ["EmbeddedBroker", "tansu_binary"]
+__all__ = ["EmbeddedBroker", "embedded_broker_for", "tansu_binary"]
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,10 @@ def tansu_binary() -> str:
 class EmbeddedBroker:
     """A Tansu broker on 127.0.0.1. ``start()`` launches it; ``stop()`` ends it."""
 
-    def __init__(self, port: int | None = None, *, log_path: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, *, log_path: Path | None = None, rust_log: str = "warn") -> None:
         self.port = port
         self.log_path = log_path
+        self.rust_log = rust_log
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -53,7 +54,7 @@ class EmbeddedBroker:
             [tansu_binary(), "broker", "--listener-url", listener, "--advertised-listener-url", listener,
              "--storage-engine", "memory://tansu/"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "RUST_LOG": os.environ.get("TANSU_LOG", "warn")},
+            env=child_env({"RUST_LOG": self.rust_log}),
         )
         if not isinstance(out, int):
             out.close()  # the child has its own descriptor
@@ -82,3 +83,15 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def embedded_broker_for(settings: Settings) -> EmbeddedBroker | None:
+    """Start the embedded broker when ``settings`` name none and none listens on its port yet.
+
+    Returns the started broker (the caller stops it), or None when nothing was started.
+    """
+    if not settings.embedded_broker or wait_for_port("127.0.0.1", settings.embedded_broker_port, 0.2):
+        return None
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return EmbeddedBroker(port=settings.embedded_broker_port, log_path=settings.home / "tansu.log",
+                          rust_log=settings.tansu_log).start()

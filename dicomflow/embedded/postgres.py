@@ -43,6 +43,7 @@ from typing import IO, Literal
 from urllib.parse import quote
 
 from core.errors import DicomflowError
+from core.settings import child_env
 from dicomflow.embedded.ports import free_port, wait_for_port
 
 __all__ = ["EmbeddedPostgres", "postgres_bin_dir"]
@@ -310,7 +311,7 @@ def _spawn(cmd: list[str], owner: pwd.struct_passwd | None, *, cwd: Path, timeou
 
 def _env() -> dict[str, str]:
     # PG* variables of the caller (PGPORT, PGDATA, ...) must not leak into initdb/pg_ctl.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env = child_env(drop_prefixes=("PG",))
     env["LC_ALL"] = "C"
     return env
 
