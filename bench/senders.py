@@ -23,7 +23,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
-from feeders.scu import send_paths
+from dicomflow.tools.scu import send_paths
 
 __all__ = ["SendTiming", "PacedSend", "find_dcmtk_storescu", "send_files", "send_parallel", "send_paced"]
 

@@ -195,7 +195,7 @@ def send(paths: tuple[Path, ...], host: str, port: int | None, aet: str | None, 
     """Send files or folders to a C-STORE SCP over one association."""
     import ssl
 
-    from feeders.scu import send_paths
+    from dicomflow.tools.scu import send_paths
 
     settings = _settings()
     context: ssl.SSLContext | None = None

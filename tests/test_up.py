@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from dicomflow.embedded.ports import free_port, wait_for_port
-from feeders.scu import send_paths
+from dicomflow.tools.scu import send_paths
 from tests.harness import REPO, clone_series
 
 pytestmark = pytest.mark.integration
