@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -204,11 +205,9 @@ class Settings:
                 field="DICOMFLOW_BROKER",
             )
         dsn = env.get("DICOMFLOW_POSTGRES_DSN") or None
-        tables = {
-            "state": env.get("DICOMFLOW_DORIS_STATE_TABLE") or "dicom_state_meta",
-            "image": env.get("DICOMFLOW_DORIS_IMAGE_TABLE") or "dicom_image_meta",
-            "object": env.get("DICOMFLOW_DORIS_OBJECT_TABLE") or "dicom_object_meta",
-        }
+        # DICOMFLOW_DORIS_<KIND>_TABLE renames the Doris table of any kind the topology loads.
+        tables = {m.group(1).lower(): value for name, value in env.items() if value
+                  and (m := re.fullmatch(r"DICOMFLOW_DORIS_([A-Z0-9]+)_TABLE", name))}
         cert = env.get("DICOMFLOW_SCP_TLS_CERT") or None
         key = env.get("DICOMFLOW_SCP_TLS_KEY") or None
         if bool(cert) != bool(key):
@@ -253,6 +252,10 @@ class Settings:
             workers=_int(env, "DICOMFLOW_WORKERS", 1, minimum=1),
             tansu_log=env.get("TANSU_LOG") or "warn",
         )
+
+    def doris_table(self, kind: str) -> str:
+        """The Doris table of ``kind`` (``state``, ``image``, ``object``…): configured, or ``dicom_{kind}_meta``."""
+        return self.doris_tables.get(kind) or f"dicom_{kind}_meta"
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

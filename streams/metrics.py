@@ -69,8 +69,10 @@ class Metrics:
 
 
 def setup_metrics(app: Any) -> Metrics:
-    """Faust's Prometheus sensor at ``/metrics`` plus dicomflow's collector."""
+    """Faust's Prometheus sensor at ``/metrics`` plus dicomflow's collector, in a registry of
+    this app's own (an app is a value now: two apps in one process must not collide)."""
     from faust.sensors.prometheus import setup_prometheus_sensors
 
-    setup_prometheus_sensors(app, pattern="/metrics", name_prefix="dicomflow_faust")
-    return Metrics()
+    registry = CollectorRegistry()
+    setup_prometheus_sensors(app, pattern="/metrics", registry=registry, name_prefix="dicomflow_faust")
+    return Metrics(registry)
