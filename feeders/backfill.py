@@ -9,32 +9,23 @@ reason, which is where a data engineer looks for them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pydicom
-
-from core.errors import BrokerError, ConfigError
-from dicom.headerscan import scan_file
+from core.errors import BrokerError, ConfigError, ContractError, ExtractionError, FileAccessError
+from dicom.reader import InstanceHeader, read_instance_header
+from feeders.events import build_event, event_key, validated
 from feeders.publisher import EventPublisher
-from schemas import codec
 from schemas.identity import trace_id_for
-from schemas.records import series_key
 
 __all__ = ["BackfillSummary", "iter_files", "event_for", "backfill"]
 
 log = logging.getLogger(__name__)
-
-_ID_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"]
-_ID_TAG_NUMBERS = {"StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E, "SOPInstanceUID": 0x00080018,
-                   "PatientID": 0x00100020}
 
 
 @dataclass
@@ -62,46 +53,26 @@ def iter_files(root: Path) -> Iterator[Path]:
                 yield path
 
 
-def _ids(path: Path) -> dict[str, str]:
+def _header(path: Path) -> InstanceHeader | None:
     try:
-        scanned = scan_file(path, _ID_TAG_NUMBERS.values())
-    except (OSError, ValueError):
-        scanned = None
-    if scanned is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with contextlib.suppress(Exception):  # a value pydicom cannot convert: its full read decides
-                return {k: str(scanned.value(t) or "").strip() for k, t in _ID_TAG_NUMBERS.items()}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_ID_TAGS, force=True)
-        return {k: str(ds.get(k, "") or "").strip() for k in _ID_TAGS}
-    except Exception:
-        return {}
+        return read_instance_header(path)
+    except (ExtractionError, FileAccessError):
+        return None  # published anyway: ingest dead-letters the file with the reason
 
 
 def event_for(path: Path, storage_root: Path, tenant: str, worker: str) -> tuple[dict[str, Any], str | None, bool]:
-    """The storage event for one file, its key, and whether its identifiers were readable."""
-    rel = path.resolve().relative_to(storage_root.resolve())
-    ids = _ids(path)
-    sop = ids.get("SOPInstanceUID", "")
-    event: dict[str, Any] = {
-        "tenant_id": tenant,
-        "file_path": str(rel),
-        "trace_id": trace_id_for(tenant, sop, str(rel)),
-        "worker_node_id": worker,
-        "source_ae": "BACKFILL",
-        "file_size": path.stat().st_size,
-        "created_time": codec.format_datetime(datetime.now()),
-    }
-    study, series = ids.get("StudyInstanceUID", ""), ids.get("SeriesInstanceUID", "")
-    for name, value in (("study_uid", study), ("series_uid", series), ("sop_uid", sop),
-                        ("patient_id", ids.get("PatientID", ""))):
-        if value and len(value) <= 64:
-            event[name] = value
-    key = series_key(tenant, study, series) if study and series and len(study) <= 64 and len(series) <= 64 else None
-    return event, key, bool(sop)
+    """The validated storage event for one file, its key, and whether its identifiers were readable.
+
+    Raises :class:`ContractError` (naming the field) when the event breaks the contract.
+    """
+    rel = path.resolve().relative_to(storage_root.resolve()).as_posix()
+    header = _header(path)
+    sop = header.sop_uid if header is not None and header.sop_uid else ""
+    trace_id = trace_id_for(tenant, sop, rel)
+    event = validated(build_event(tenant=tenant, header=header, file_path=rel, file_size=path.stat().st_size,
+                                  trace_id=trace_id, worker_node_id=worker, now=datetime.now(),
+                                  source_ae="BACKFILL"), trace_id)
+    return event, event_key(event), bool(sop)
 
 
 async def backfill(root: Path, *, storage_root: Path, tenant: str, worker: str, publisher: EventPublisher,
@@ -133,7 +104,16 @@ async def backfill(root: Path, *, storage_root: Path, tenant: str, worker: str, 
             bar.update(1)
 
     for path in files:
-        event, key, readable = await loop.run_in_executor(None, event_for, path, storage, tenant, worker)
+        try:
+            event, key, readable = await loop.run_in_executor(None, event_for, path, storage, tenant, worker)
+        except ContractError as exc:
+            # Not published: a data engineer fixes the tenant or the path, then re-runs.
+            summary.failed += 1
+            summary.errors.append(f"{path}: {exc.field}: {exc.message}")
+            log.warning("backfill refused path=%s field=%s reason=%s", path, exc.field, exc.message)
+            if bar is not None:
+                bar.update(1)
+            continue
         if not readable:
             summary.unreadable_headers += 1
         task = asyncio.ensure_future(send(event, key))

@@ -15,12 +15,16 @@ import fastjsonschema
 import orjson
 
 from core.errors import Code, ContractError
-from schemas.records import StorageEvent
+from schemas.records import DicomObjectMeta, StorageEvent, bounds
 
 __all__ = ["SCHEMA_VERSION", "schema", "validate_event", "parse_event"]
 
 SCHEMA_VERSION = 1
 _SCHEMA_FILE = "storage_event.v1.schema.json"
+#: An event's fields are ``dicom_object_meta`` columns: their byte bounds are that record's
+#: (schemas/records.py declares them once; tests/test_contract_bounds.py holds the JSON
+#: Schema's maxLength and the SQL DDL to the same numbers).
+_BYTE_BOUNDS: dict[str, int] = bounds(DicomObjectMeta)
 
 
 @functools.cache
@@ -57,9 +61,8 @@ def validate_event(data: Any) -> StorageEvent:
         elif exc.rule == "additionalProperties" and field:
             reason = f"{field} is not a field of storage event v{SCHEMA_VERSION}"
         raise ContractError(reason, code=Code.INVALID_EVENT, field=field) from None
-    for name, spec in schema()["properties"].items():
-        value = data.get(name)
-        limit = spec.get("maxLength")
+    for name in schema()["properties"]:  # in the contract's field order, as before
+        value, limit = data.get(name), _BYTE_BOUNDS.get(name)
         if isinstance(value, str) and limit is not None and len(value.encode("utf-8")) > limit:
             # JSON Schema counts characters; PostgreSQL/Doris VARCHAR bounds here count bytes.
             raise ContractError(f"{name} is {len(value.encode('utf-8'))} bytes in UTF-8, over its bound of {limit}",

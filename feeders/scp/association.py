@@ -1,0 +1,128 @@
+"""Associations: what the SCP accepts (contexts, TLS policy) and whom (the tenancy check).
+
+An association is accepted only when a tenant can be resolved for its calling/called AE
+titles (:mod:`feeders.tenancy`); TLS, when configured, is 1.2 at least.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from core.errors import ConfigError
+from core.net import no_delay
+from feeders.tenancy import TenantResolver
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
+    from pynetdicom.events import Event
+
+    from feeders.scp.config import ScpConfig
+
+__all__ = ["STORAGE_TRANSFER_SYNTAXES", "server_ssl_context", "build_ae", "peer", "on_connection_open",
+           "handle_association_request"]
+
+log = logging.getLogger(__name__)
+
+#: Accepted for every storage SOP class. The data set is stored in whichever of
+#: these the sender chose; nothing is transcoded, so any syntax is as cheap as another.
+STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+
+# A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE not recognised.
+_RJ_PERMANENT, _RJ_SERVICE_USER, _RJ_CALLING_AE = 0x01, 0x01, 0x03
+
+
+def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A TLS server context for ``start_server(ssl_context=...)``; TLS 1.2 at least."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate {cert} / key {key}: {exc}",
+                          field="DICOMFLOW_SCP_TLS_CERT") from exc
+    return ctx
+
+
+def build_ae(config: ScpConfig) -> AE:
+    """The acceptor AE: every storage SOP class in every syntax we store, plus Verification."""
+    ae = AE(ae_title=config.ae_title)
+    ae.maximum_associations = config.max_associations
+    ae.acse_timeout = config.acse_timeout_s
+    ae.dimse_timeout = config.dimse_timeout_s
+    ae.network_timeout = config.network_timeout_s
+    # Any called AE title is accepted: with tenant_by_called_ae one listener serves
+    # several titles, and the tenancy check at association time is what gates access.
+    ae.require_called_aet = False
+    syntaxes = list(dict.fromkeys((*STORAGE_TRANSFER_SYNTAXES, *config.extra_transfer_syntaxes)))
+    for cx in AllStoragePresentationContexts:
+        if cx.abstract_syntax is not None:
+            ae.add_supported_context(cx.abstract_syntax, syntaxes)
+    ae.add_supported_context(Verification)
+    return ae
+
+
+def peer(assoc: Association) -> tuple[str, str, str]:
+    """(calling AE, called AE, peer IP) of an association, from its A-ASSOCIATE-RQ."""
+    rq = assoc.requestor.primitive
+    calling = str(getattr(rq, "calling_ae_title", "") or assoc.requestor.ae_title).strip()
+    called = str(getattr(rq, "called_ae_title", "") or "").strip()
+    try:
+        ip = assoc.requestor.address
+    except ValueError:
+        ip = ""
+    return calling, called, ip
+
+
+def on_connection_open(event: Event) -> None:
+    no_delay(event.assoc)
+
+
+def handle_association_request(event: Event, tenancy: TenantResolver) -> None:
+    """EVT_REQUESTED: reject an association that no tenant can be resolved for."""
+    calling, called, ip = peer(event.assoc)
+    resolved = tenancy.for_association(calling, called)
+    if resolved is not None:
+        log.info("association accepted calling_ae=%s called_ae=%s source_ip=%s tenant=%s tenant_source=%s",
+                 calling, called, ip, resolved.tenant, resolved.source)
+        return
+    log.warning("association rejected reason=calling_ae_not_recognised calling_ae=%s called_ae=%s "
+                "source_ip=%s", calling, called, ip)
+    event.assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SERVICE_USER, _RJ_CALLING_AE)
+    # As pynetdicom's own ACSE rejection does: wait for the peer to take the
+    # A-ASSOCIATE-RJ and close, so it sees a rejection rather than a dropped socket.
+    event.assoc.kill()

@@ -1,0 +1,67 @@
+"""The SCP's configuration, built from :class:`core.settings.Settings`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from feeders.tenancy import TenantResolver
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+
+__all__ = ["ScpConfig"]
+
+
+@dataclass(frozen=True)
+class ScpConfig:
+    """Everything the SCP needs; build with :meth:`from_settings`."""
+
+    storage_root: Path
+    tenancy: TenantResolver
+    ae_title: str = "DICOMFLOW"
+    host: str = "0.0.0.0"
+    #: 0 lets the OS choose; read the bound port from :attr:`StorageSCP.address`.
+    port: int = 11112
+    worker_node_id: str = ""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: Longer than the publisher's own request timeout, so its BrokerError wins the race.
+    publish_timeout_s: float = 15.0
+    #: Spool incoming data sets to disk (pynetdicom STORE_RECV_CHUNKED_DATASET).
+    spool_to_disk: bool = True
+    max_associations: int = 10
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    extra_transfer_syntaxes: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> ScpConfig:
+        config = cls(
+            storage_root=settings.storage_root,
+            tenancy=TenantResolver.from_settings(settings),
+            ae_title=settings.scp_aet,
+            host=settings.scp_host,
+            port=settings.scp_port,
+            worker_node_id=settings.worker_id,
+            tls_cert=settings.tls_cert,
+            tls_key=settings.tls_key,
+        )
+        return replace(config, **overrides) if overrides else config
+
+    def describe(self) -> dict[str, Any]:
+        """The effective configuration for the start-up log line (no secrets here)."""
+        return {
+            "ae_title": self.ae_title,
+            "listen": f"{self.host}:{self.port}",
+            "storage_root": str(self.storage_root),
+            "tls": self.tls_cert is not None,
+            "spool_to_disk": self.spool_to_disk,
+            "max_associations": self.max_associations,
+            "default_tenant": self.tenancy.default_tenant,
+            "calling_ae_tenants": len(self.tenancy.by_calling_ae),
+            "called_ae_tenants": len(self.tenancy.by_called_ae),
+            "tenant_from_private_tag": self.tenancy.from_private_tag,
+        }
