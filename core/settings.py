@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from core.errors import ConfigError
 
@@ -73,16 +73,40 @@ class Secret:
         return hash(self._value)
 
 
+_KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
 def mask_dsn(dsn: str) -> str:
-    """Return ``dsn`` with any password replaced by ``****`` (for logs and status output)."""
+    """Return ``dsn`` with every password replaced by ``****`` (for logs, ``status`` and stack.json).
+
+    A password can sit in the URL's user info, in its query string (``?password=…``, which
+    libpq and asyncpg accept), or in a keyword/value DSN (``host=db password=…``).
+    """
+    if "://" not in dsn:
+        return _KEYWORD_PASSWORD.sub(r"\1****", dsn)
     try:
         parts = urlsplit(dsn)
+        query = parse_qsl(parts.query, keep_blank_values=True)
     except ValueError:
         return "****"
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":****@", 1)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":****@", 1)
+    if any(k.lower() == "password" for k, _ in query):
+        masked = [(k, "****" if k.lower() == "password" else v) for k, v in query]
+        return urlunsplit(parts._replace(netloc=netloc, query=urlencode(masked, safe="*")))
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+#: Doris database and table names go into the Stream Load URL: identifiers only.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def _identifier(name: str, value: str) -> str:
+    if not _IDENTIFIER.fullmatch(value):
+        raise ConfigError(f"{name} must be a plain identifier (letters, digits, _; at most 64), got {value!r}",
+                          field=name)
+    return value
 
 
 def child_env(extra: Mapping[str, str] | None = None, *, drop_prefixes: tuple[str, ...] = ()) -> dict[str, str]:
@@ -156,6 +180,8 @@ class Settings:
     app_id: str
     worker_id: str
     web_port: int
+    #: Address the worker's web server (metrics, pages) listens on; loopback unless opened on purpose.
+    web_bind: str
     series_window_seconds: float
     postgres_dsn: Secret | None
     doris_fe_url: str | None
@@ -206,7 +232,7 @@ class Settings:
             )
         dsn = env.get("DICOMFLOW_POSTGRES_DSN") or None
         # DICOMFLOW_DORIS_<KIND>_TABLE renames the Doris table of any kind the topology loads.
-        tables = {m.group(1).lower(): value for name, value in env.items() if value
+        tables = {m.group(1).lower(): _identifier(name, value) for name, value in env.items() if value
                   and (m := re.fullmatch(r"DICOMFLOW_DORIS_([A-Z0-9]+)_TABLE", name))}
         cert = env.get("DICOMFLOW_SCP_TLS_CERT") or None
         key = env.get("DICOMFLOW_SCP_TLS_KEY") or None
@@ -223,12 +249,13 @@ class Settings:
             app_id=env.get("DICOMFLOW_APP_ID") or "dicomflow",
             worker_id=env.get("DICOMFLOW_WORKER_ID") or socket.gethostname(),
             web_port=_int(env, "DICOMFLOW_WEB_PORT", 6066, minimum=1),
+            web_bind=env.get("DICOMFLOW_WEB_BIND") or "127.0.0.1",
             series_window_seconds=_float(env, "DICOMFLOW_SERIES_WINDOW_SECONDS", 5.0, minimum=0.1),
             postgres_dsn=Secret(dsn) if dsn else None,
             doris_fe_url=(env.get("DICOMFLOW_DORIS_FE_URL") or "").rstrip("/") or None,
             doris_user=env.get("DICOMFLOW_DORIS_USER") or "root",
             doris_password=Secret(env.get("DICOMFLOW_DORIS_PASSWORD") or ""),
-            doris_database=env.get("DICOMFLOW_DORIS_DATABASE") or "dicomflow",
+            doris_database=_identifier("DICOMFLOW_DORIS_DATABASE", env.get("DICOMFLOW_DORIS_DATABASE") or "dicomflow"),
             doris_tables=tables,
             doris_max_rows=_int(env, "DICOMFLOW_DORIS_MAX_ROWS", 5000, minimum=1),
             doris_max_bytes=_int(env, "DICOMFLOW_DORIS_MAX_BYTES", 16 * 1024 * 1024, minimum=1024),

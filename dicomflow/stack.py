@@ -38,6 +38,20 @@ def read_stack_file(home: Path) -> dict[str, Any]:
         return {}
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by the owner only, from its first byte on.
+
+    The file is created 0600 with O_EXCL under a temporary name and renamed over ``path``,
+    so no other user can ever open it, not even between creation and a chmod.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 @dataclass
 class Stack:
     settings: Settings
@@ -90,9 +104,7 @@ class Stack:
         }
         (s.home / STACK_FILE).write_text(json.dumps(info, indent=2))
         # The unmasked DSN stays in a file only the owner can read, for `status`.
-        secret = s.home / "postgres.dsn"
-        secret.write_text(dsn)
-        secret.chmod(0o600)
+        write_private(s.home / "postgres.dsn", dsn)
         return info
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:

@@ -97,6 +97,7 @@ def create_app(settings: Settings) -> DicomflowApp:
         "consumer_auto_offset_reset": "earliest",
         "web_port": settings.web_port,
         "web_host": "127.0.0.1",
+        "web_bind": settings.web_bind,
         "autodiscover": False,
         "origin": "streams.app",
     }
@@ -123,7 +124,7 @@ def run_worker(app: DicomflowApp) -> None:
     app.worker_init()
     app.worker_init_post_autodiscover()
     args = ["--loop", "uvloop", "worker", "-l", s.log_level.lower(), "--web-port", str(s.web_port),
-            "--web-host", "127.0.0.1"]
+            "--web-host", "127.0.0.1", "--web-bind", s.web_bind]
     cli.main(args=args, prog_name="dicomflow worker", app=app)
 
 
