@@ -84,7 +84,7 @@ def worker(broker: str | None, partitions: int | None, web_port: int | None, log
     # With no broker configured, this worker runs on the embedded one (started here if none listens).
     embedded = _run_or_exit(lambda: embedded_broker_for(settings))
     try:
-        run_worker(create_app(settings))
+        _run_or_exit(lambda: run_worker(create_app(settings)))
     finally:
         if embedded is not None:
             embedded.stop()

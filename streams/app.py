@@ -18,6 +18,7 @@ from typing import Any
 import faust
 from faust.types import TransportT
 
+from core.errors import ConfigError
 from core.settings import BrokerProfile, Settings
 from streams.broker import bootstrap_of, ensure_topics
 from streams.metrics import Metrics, setup_metrics
@@ -25,7 +26,7 @@ from streams.topics import Topics
 from streams.topology import ALL_TOPICS
 from streams.transport import ProfiledTransport
 
-__all__ = ["DicomflowApp", "create_app", "run_worker"]
+__all__ = ["DicomflowApp", "create_app", "run_worker", "ensure_home"]
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +121,22 @@ def run_worker(app: DicomflowApp) -> None:
     from faust.cli.faust import cli
 
     s = app.settings
+    ensure_home(s)
     app.finalize()
     app.worker_init()
     app.worker_init_post_autodiscover()
     args = ["--loop", "uvloop", "worker", "-l", s.log_level.lower(), "--web-port", str(s.web_port),
             "--web-host", "127.0.0.1", "--web-bind", s.web_bind]
     cli.main(args=args, prog_name="dicomflow worker", app=app)
+
+
+def ensure_home(settings: Settings) -> None:
+    """Create DICOMFLOW_HOME (Faust keeps its data directory inside) or fail with one clear line."""
+    try:
+        settings.home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"DICOMFLOW_HOME {settings.home} cannot be created: {exc.strerror}",
+                          field="DICOMFLOW_HOME") from exc
 
 
 _lazy: dict[str, DicomflowApp] = {}
