@@ -1,12 +1,23 @@
-"""Sink contract: batch, flush, and only then commit (after quixstreams' BatchingSink).
+"""Sink contract: configure, start, then add -> flush -> commit (after quixstreams' BatchingSink).
 
-An agent buffers consumed events into a sink with :meth:`BatchingSink.add`, then awaits
-:func:`flush_with_retry`. That returns only once every item is either written or
-rejected as bad data; the agent then acks the events, so offsets are never committed
-past unwritten data. A transient failure blocks the partition (backpressure) and is
-retried with capped backoff; it never escapes to the agent.
+* ``__init__`` stores configuration only: no I/O, no event loop needed.
+* :meth:`BatchingSink.start` does the I/O (pools, sessions, schema) and is called
+  explicitly once, at worker start (:func:`start_or_defer`). A destination that is not up
+  yet must not stop the worker: ``write`` starts the sink itself when ``start`` failed,
+  under the flush's retry, so the partition waits instead.
+* An agent buffers consumed events with :meth:`BatchingSink.add` (or a whole batch whose
+  offsets it fixed with :meth:`BatchingSink.add_batch`), then awaits
+  :func:`flush_with_retry`. That returns only once every item is either written or
+  rejected as bad data (handed to ``on_rejected``, the dead-letter path).
+* Only then does the agent commit (ack) the events, so offsets are never committed past
+  unwritten data. A transient failure blocks the partition (backpressure) and is retried
+  with capped backoff; it never escapes to the agent.
+* ``write(batch)`` is idempotent (a replayed batch changes nothing) and classifies
+  failures: :class:`SinkRetryableError` (the same batch may succeed later), rows returned
+  as :class:`Rejected` or a :class:`SinkDataError` (bad data, never retried), anything
+  else (a bug or misconfiguration) propagates.
 
-Sinks import only settings, errors and schemas: they know nothing of Faust.
+Sinks import only settings, errors and schemas: they know nothing of Faust or the broker.
 """
 
 from __future__ import annotations
@@ -17,9 +28,9 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from core.errors import DicomflowError, SinkDataError, SinkRetryableError
+from core.errors import DicomflowError, SinkDataError, SinkError, SinkRetryableError
 
 __all__ = [
     "SinkItem",
@@ -28,6 +39,7 @@ __all__ = [
     "BatchingSink",
     "Backoff",
     "flush_with_retry",
+    "start_or_defer",
 ]
 
 log = logging.getLogger(__name__)
@@ -111,7 +123,10 @@ class BatchingSink(abc.ABC, Generic[T]):
                                            "latency_s_total": 0.0}
 
     async def start(self) -> None:  # noqa: B027 - optional hook
-        """Open connections; raise SinkRetryableError if the destination is not up yet."""
+        """Open connections (idempotent); raise SinkRetryableError if the destination is not up yet.
+
+        ``write`` must call it again when an earlier call failed.
+        """
 
     async def stop(self) -> None:  # noqa: B027 - optional hook
         """Close connections."""
@@ -195,3 +210,19 @@ async def flush_with_retry(
             break
     return written
 
+
+
+async def start_or_defer(sink: BatchingSink[Any]) -> None:
+    """Start ``sink`` at worker start; if that fails, leave it to the sink's first write.
+
+    PostgreSQL still starting (or down) must not stop the worker: ``write`` starts the
+    sink again under :func:`flush_with_retry`, whose backoff then holds the partition.
+    A hard failure (bad credentials, a missing database) is logged here and raised again
+    by that first write, as before start-up was explicit: the other stages keep running.
+    """
+    try:
+        await sink.start()
+    except SinkRetryableError as exc:
+        log.warning("sink=%s not started, will retry on first write error=%s", sink.name, exc.message)
+    except SinkError as exc:
+        log.error("sink=%s failed to start, its writes will fail until fixed error=%s", sink.name, exc.message)

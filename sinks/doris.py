@@ -41,7 +41,7 @@ __all__ = [
     "make_label",
     "LABEL_RE",
     "SUCCESS_STATUSES",
-    "CANONICAL_TABLES",
+    "canonical_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 LABEL_RE = re.compile(r"^[-_A-Za-z0-9:]{1,128}$")
 LABEL_MAX = 128
 SUCCESS_STATUSES = ("Success", "Publish Timeout")
-#: The DDL table behind each ``Settings.doris_tables`` kind (the configured name may differ).
-CANONICAL_TABLES = {"state": "dicom_state_meta", "image": "dicom_image_meta", "object": "dicom_object_meta"}
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_HOPS = 3
 _UNSAFE = re.compile(r"[^-_A-Za-z0-9]")
@@ -75,6 +73,14 @@ class LoadResult:
     already_loaded: bool = False
     elapsed_s: float = 0.0
     body: dict[str, Any] = field(default_factory=dict)
+
+
+def canonical_table(kind: str) -> str:
+    """The DDL table (schemas/sql/doris.sql) behind a table kind; the configured name may differ.
+
+    A convention rather than a list, so adding a Doris output needs no change here.
+    """
+    return f"dicom_{kind}_meta"
 
 
 def _quote_column(name: str) -> str:
@@ -329,8 +335,8 @@ class DorisTableSink(BatchingSink[dict[str, Any]]):
     @classmethod
     def from_settings(cls, settings: Settings, kind: str, client: StreamLoadClient) -> DorisTableSink:
         """The sink for ``kind`` (``state``/``image``/``object``) under its configured table name."""
-        table = settings.doris_tables[kind]
-        return cls(client, db=settings.doris_database, table=table, spec=table_spec(CANONICAL_TABLES[kind]))
+        return cls(client, db=settings.doris_database, table=settings.doris_table(kind),
+                   spec=table_spec(canonical_table(kind)))
 
     async def start(self) -> None:
         await self.client.start()
