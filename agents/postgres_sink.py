@@ -8,17 +8,21 @@ series stage are harmless.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from faust.types import StreamT
 
-from agents.sink_support import batches, sink_batch
+from agents.sink_support import batches, serve_sink, sink_batch
 from schemas import codec
 from schemas.records import DicomStateMeta
 from sinks.postgres import PostgresSink
-from streams.app import app, settings
-from streams.topics import state
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+    from streams.app import DicomflowApp
+
+__all__ = ["register"]
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +34,16 @@ def _decode(raw: bytes) -> DicomStateMeta:
     return codec.from_row(DicomStateMeta, orjson.loads(raw))
 
 
-if settings.postgres_dsn is not None:
-    postgres = PostgresSink(settings.postgres_dsn)
+def register(app: DicomflowApp, settings: Settings) -> None:
+    """The ``postgres_sink`` agent on the state topic, if a DSN is configured."""
+    if settings.postgres_dsn is None:
+        log.warning("DICOMFLOW_POSTGRES_DSN is not set: the PostgreSQL sink is off")
+        return
+    sink = PostgresSink(settings.postgres_dsn)
 
-    @app.agent(state, name="postgres_sink")
     async def postgres_sink(stream: StreamT[Any]) -> None:
         async for events in batches(stream, BATCH, BATCH_WITHIN_S):
-            await sink_batch(postgres, events, _decode, stage="postgres")
+            await sink_batch(app, sink, events, _decode, stage="postgres")
 
-    app.close_on_shutdown(postgres.stop)
-    app.metrics.register_counters("postgres", postgres.counters)
-else:
-    log.warning("DICOMFLOW_POSTGRES_DSN is not set: the PostgreSQL sink is off")
+    app.agent(app.topics.state, name="postgres_sink")(postgres_sink)
+    serve_sink(app, sink, "postgres")
