@@ -28,7 +28,7 @@ from schemas.identity import TRACE_NAMESPACE
 from schemas.records import DicomObjectMeta, StorageEvent
 from streams.topology import DLQ, IMAGE, LOG, SERIES_INSTANCES
 
-__all__ = ["Output", "Outcome", "process", "process_many"]
+__all__ = ["Output", "Outcome", "process", "process_many", "failure"]
 
 _EVENT_OVERLAY = ("source_ip", "source_ae", "target_ts", "worker_node_id")
 
@@ -96,6 +96,13 @@ def _failure_log_row(data: dict[str, Any] | None, raw: bytes, error: DicomflowEr
     if isinstance(file_size, int) and not isinstance(file_size, bool) and file_size >= 0:
         row.file_size = file_size
     return row
+
+
+def failure(raw: bytes, key: bytes | None, error: DicomflowError, worker: str,
+            source: dict[str, Any] | None, now: datetime | None = None) -> Outcome:
+    """The outcome of an event that failed: its dead letter, and a transfer-log row unless it
+    was not even JSON."""
+    return _fail(raw, key, error, worker, now or datetime.now(), source)
 
 
 def _fail(raw: bytes, key: bytes | None, error: DicomflowError, worker: str, now: datetime,

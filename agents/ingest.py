@@ -15,17 +15,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from faust.types import EventT, StreamT
 
-from agents.fanout import Outcome, Output, process_many
+from agents.fanout import Outcome, Output, failure, process_many
 from agents.gaps import GapGuard
 from agents.lanes import LaneSender
 from agents.sink_support import batches
+from core.errors import Code, DicomflowError
 from streams.topology import STORAGE
 
 if TYPE_CHECKING:
@@ -58,16 +60,28 @@ def _lane(out: Output) -> tuple[str, bytes | None]:
     return out.topic, out.key
 
 
-class IngestStage:
-    """storage_queue -> the outputs of each event, with the parse pool this worker owns."""
+Parse = Callable[[list[Item], Path, str], list[Outcome]]
 
-    def __init__(self, app: DicomflowApp, settings: Settings) -> None:
+
+class IngestStage:
+    """storage_queue -> the outputs of each event, with the parse pool this worker owns.
+
+    The parse runs in a pool of processes so that neither a slow file nor one that crashes
+    the parser can stop the event loop (heartbeats) or kill the worker. A pool that broke
+    (a process died: OOM, a crash in a C extension) is replaced; the chunk that was in
+    flight is re-run one file at a time in a fresh pool, and a file that kills that pool
+    too is dead-lettered as PARSER_CRASHED, so the worker never crash-loops on it.
+    """
+
+    def __init__(self, app: DicomflowApp, settings: Settings, *, parse: Parse = process_many) -> None:
         self.app = app
         self.storage_root = settings.storage_root
         self.worker_id = settings.worker_id
         self.processes = settings.ingest_processes
+        self.parse = parse
         self.guard = GapGuard(app, STORAGE)
         self._pool: ProcessPoolExecutor | None = None
+        self.counters = {"parser_crashes": 0, "pools_replaced": 0}
 
     def _get_pool(self) -> ProcessPoolExecutor | None:
         if self.processes <= 0:
@@ -79,32 +93,63 @@ class IngestStage:
                                              mp_context=multiprocessing.get_context("spawn"))
         return self._pool
 
+    def _replace_pool(self) -> ProcessPoolExecutor | None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+            self.counters["pools_replaced"] += 1
+        return self._get_pool()
+
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
+    def _submit(self, chunk: list[Item]) -> asyncio.Future[list[Outcome]]:
+        pool = self._get_pool()
+        assert pool is not None
+        loop = asyncio.get_running_loop()
+        try:
+            return loop.run_in_executor(pool, self.parse, chunk, self.storage_root, self.worker_id)
+        except BrokenProcessPool:
+            # Died between batches: the pool knows it is broken only now. A fresh one, once.
+            log.error("ingest parse pool was broken; replacing it")
+            fresh = self._replace_pool()
+            assert fresh is not None
+            return loop.run_in_executor(fresh, self.parse, chunk, self.storage_root, self.worker_id)
+
     async def _outcomes(self, items: list[Item]) -> AsyncIterator[list[Outcome]]:
         """Outcomes chunk by chunk, in order, as the pool finishes them."""
-        pool = self._get_pool()
-        if pool is None or len(items) < 2:
-            yield process_many(items, self.storage_root, self.worker_id)
+        if self._get_pool() is None:
+            yield self.parse(items, self.storage_root, self.worker_id)
             return
         chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
-        loop = asyncio.get_running_loop()
-        futures = [loop.run_in_executor(pool, process_many, c, self.storage_root, self.worker_id) for c in chunks]
+        futures = [self._submit(c) for c in chunks]
         for i, future in enumerate(futures):
             try:
                 yield await future
             except BrokenProcessPool:
-                # A pool process died (e.g. OOM): finish inline and start a new pool next time.
-                log.error("ingest parse pool broke; processing the rest of the batch inline")
-                self._pool = None
+                log.error("ingest parse pool broke during a batch; re-running its files one by one")
                 for other in futures[i + 1:]:
                     other.cancel()
+                self._replace_pool()
                 for chunk in chunks[i:]:
-                    yield process_many(chunk, self.storage_root, self.worker_id)
+                    yield [await self._isolated(item) for item in chunk]
                 return
+
+    async def _isolated(self, item: Item) -> Outcome:
+        """One file in the pool alone: the outcome, or PARSER_CRASHED if it kills the pool again."""
+        try:
+            return (await self._submit([item]))[0]
+        except BrokenProcessPool:
+            self.counters["parser_crashes"] += 1
+            self._replace_pool()
+            raw, key, source = item
+            error = DicomflowError("the header parser crashed on this file (its process died); the file is "
+                                   "dead-lettered so the worker does not crash-loop on it", code=Code.PARSER_CRASHED,
+                                   field="file_path")
+            log.error("parser crashed offset=%s partition=%s", source.get("offset"), source.get("partition"))
+            return failure(raw, key, error, self.worker_id, source)
 
     async def consume(self, stream: StreamT[Any]) -> None:
         loop = asyncio.get_running_loop()
@@ -152,5 +197,6 @@ def register(app: DicomflowApp, settings: Settings) -> None:
     stage = IngestStage(app, settings)
     stage.guard.watch_revocations(app)
     app.metrics.register_counters("ingest_gaps", stage.guard.stats)
+    app.metrics.register_counters("ingest_pool", stage.counters)
     app.close_on_shutdown(stage.close)
     app.agent(app.queues.storage, name="ingest")(stage.consume)

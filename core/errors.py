@@ -38,6 +38,8 @@ class Code:
     INVALID_DATE = "INVALID_DATE"
     INVALID_TIME = "INVALID_TIME"
     SINK_REJECTED = "SINK_REJECTED"
+    #: The header parser's process died on the file (a crash, or the OOM killer).
+    PARSER_CRASHED = "PARSER_CRASHED"
 
 
 class DicomflowError(Exception):
