@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
