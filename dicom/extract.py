@@ -269,54 +269,23 @@ def _build(ds: Header, tenant_id: str, trace_id: str, worker_node_id: str, file_
         raise ExtractionError(f"TransferSyntaxUID is longer than {_IMAGE_BOUNDS['transfer_syntax_uid']} bytes",
                               code=Code.VALUE_TOO_LONG, field="TransferSyntaxUID")
 
+    # The columns all three records share, spelled once.
+    series: dict[str, Any] = {"tenant_id": tenant_id, "patient_id": patient_id, "study_uid": study_uid,
+                              "series_uid": series_uid}
+    hashes: dict[str, Any] = {"study_uid_hash": study_hash, "series_uid_hash": series_hash}
+    stamps: dict[str, Any] = {"created_time": now, "updated_time": now}
     state = DicomStateMeta(
-        tenant_id=tenant_id,
-        patient_id=patient_id,
-        study_uid=study_uid,
-        series_uid=series_uid,
-        study_uid_hash=study_hash,
-        series_uid_hash=series_hash,
-        study_date_origin=study_date_str,
-        study_date=study_date,
-        accession_number=accession,
-        **_columns(ds, _STATE_COLUMNS, _STATE_BOUNDS),
-        created_time=now,
-        updated_time=now,
+        **series, **hashes, study_date_origin=study_date_str, study_date=study_date, accession_number=accession,
+        **_columns(ds, _STATE_COLUMNS, _STATE_BOUNDS), **stamps,
     )
     image = DicomImageMeta(
-        tenant_id=tenant_id,
-        patient_id=patient_id,
-        study_uid=study_uid,
-        series_uid=series_uid,
-        sop_uid=sop_uid,
-        study_uid_hash=study_hash,
-        series_uid_hash=series_hash,
-        study_date_origin=study_date_str,
-        transfer_syntax_uid=transfer_syntax,
-        sop_class_uid=sop_class_uid,
-        **_columns(ds, _IMAGE_COLUMNS, _IMAGE_BOUNDS),
-        image_status="ACTIVE",
-        space_size=file_size,
-        created_time=now,
-        updated_time=now,
+        **series, sop_uid=sop_uid, **hashes, study_date_origin=study_date_str, transfer_syntax_uid=transfer_syntax,
+        sop_class_uid=sop_class_uid, **_columns(ds, _IMAGE_COLUMNS, _IMAGE_BOUNDS), image_status="ACTIVE",
+        space_size=file_size, **stamps,
     )
     obj = DicomObjectMeta(
-        trace_id=trace_id,
-        worker_node_id=worker_node_id,
-        tenant_id=tenant_id,
-        patient_id=patient_id,
-        study_uid=study_uid,
-        series_uid=series_uid,
-        sop_uid=sop_uid,
-        file_size=file_size,
-        file_path=file_path,
-        transfer_syntax_uid=transfer_syntax,
-        number_of_frames=_int(ds, "NumberOfFrames"),
-        created_time=now,
-        series_uid_hash=series_hash,
-        study_uid_hash=study_hash,
-        accession_number=accession,
-        study_date=study_date,
-        transfer_status="SUCCESS",
+        trace_id=trace_id, worker_node_id=worker_node_id, **series, sop_uid=sop_uid, file_size=file_size,
+        file_path=file_path, transfer_syntax_uid=transfer_syntax, number_of_frames=_int(ds, "NumberOfFrames"),
+        created_time=now, **hashes, accession_number=accession, study_date=study_date, transfer_status="SUCCESS",
     )
     return Extracted(state=state, image=image, object=obj)

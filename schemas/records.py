@@ -38,13 +38,38 @@ def series_key(tenant_id: str, study_uid: str, series_uid: str) -> str:
 
 
 @dataclass(slots=True)
-class DicomStateMeta:
-    """Series-level state (PostgreSQL and Doris ``dicom_state_meta``)."""
+class _SeriesRow:
+    """The leading columns of every row that belongs to a known series (series and instance tables)."""
 
     tenant_id: str = field(metadata=_len(64))
     patient_id: str = field(metadata=_len(64))
     study_uid: str = field(metadata=_len(64))
     series_uid: str = field(metadata=_len(64))
+
+    @property
+    def key(self) -> str:
+        return series_key(self.tenant_id, self.study_uid, self.series_uid)
+
+
+class _MaybeSeriesKey:
+    """``key`` of a record whose study and series may be unknown (events, failed transfers)."""
+
+    __slots__ = ()
+    tenant_id: str
+    study_uid: str | None
+    series_uid: str | None
+
+    @property
+    def key(self) -> str | None:
+        if self.study_uid and self.series_uid:
+            return series_key(self.tenant_id, self.study_uid, self.series_uid)
+        return None
+
+
+@dataclass(slots=True)
+class DicomStateMeta(_SeriesRow):
+    """Series-level state (PostgreSQL and Doris ``dicom_state_meta``)."""
+
     study_uid_hash: str = field(metadata=_len(20))
     series_uid_hash: str = field(metadata=_len(20))
     study_date_origin: str = field(metadata=_len(8))
@@ -72,19 +97,11 @@ class DicomStateMeta:
     created_time: datetime | None = None
     updated_time: datetime | None = None
 
-    @property
-    def key(self) -> str:
-        return series_key(self.tenant_id, self.study_uid, self.series_uid)
-
 
 @dataclass(slots=True)
-class DicomImageMeta:
+class DicomImageMeta(_SeriesRow):
     """Instance-level image metadata (Doris ``dicom_image_meta``)."""
 
-    tenant_id: str = field(metadata=_len(64))
-    patient_id: str = field(metadata=_len(64))
-    study_uid: str = field(metadata=_len(64))
-    series_uid: str = field(metadata=_len(64))
     sop_uid: str = field(metadata=_len(64))
     study_uid_hash: str = field(metadata=_len(20))
     series_uid_hash: str = field(metadata=_len(20))
@@ -120,13 +137,9 @@ class DicomImageMeta:
     created_time: datetime | None = None
     updated_time: datetime | None = None
 
-    @property
-    def key(self) -> str:
-        return series_key(self.tenant_id, self.study_uid, self.series_uid)
-
 
 @dataclass(slots=True)
-class DicomObjectMeta:
+class DicomObjectMeta(_MaybeSeriesKey):
     """One row of the per-file transfer log (Doris ``dicom_object_meta``).
 
     Written for every storage event, successful or not: ``transfer_status`` is
@@ -154,15 +167,9 @@ class DicomObjectMeta:
     source_ip: str | None = field(default=None, metadata=_len(64))
     source_ae: str | None = field(default=None, metadata=_len(64))
 
-    @property
-    def key(self) -> str | None:
-        if self.study_uid and self.series_uid:
-            return series_key(self.tenant_id, self.study_uid, self.series_uid)
-        return None
-
 
 @dataclass(slots=True)
-class StorageEvent:
+class StorageEvent(_MaybeSeriesKey):
     """What a feeder publishes to ``storage_queue`` (contract: storage_event.v1.schema.json).
 
     ``tenant_id``, ``file_path`` and ``trace_id`` are required; every other field is an
@@ -189,12 +196,6 @@ class StorageEvent:
     transfer_status: str | None = None
     source_ip: str | None = None
     source_ae: str | None = None
-
-    @property
-    def key(self) -> str | None:
-        if self.study_uid and self.series_uid:
-            return series_key(self.tenant_id, self.study_uid, self.series_uid)
-        return None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StorageEvent:
