@@ -45,5 +45,5 @@ def register(app: DicomflowApp, settings: Settings) -> None:
         async for events in batches(stream, BATCH, BATCH_WITHIN_S):
             await sink_batch(app, sink, events, _decode, stage="postgres")
 
-    app.agent(app.topics.state, name="postgres_sink")(postgres_sink)
+    app.agent(app.queues.state, name="postgres_sink")(postgres_sink)
     serve_sink(app, sink, "postgres")
