@@ -26,7 +26,7 @@ from schemas.contract import parse_event
 from schemas.deadletter import dead_letter
 from schemas.identity import TRACE_NAMESPACE
 from schemas.records import DicomObjectMeta, StorageEvent
-from streams.topology import DLQ, IMAGE, LOG, SERIES_INSTANCES
+from streams.topology import DLQ, LOG, SERIES_INSTANCES
 
 __all__ = ["Output", "Outcome", "process", "process_many", "failure"]
 
@@ -155,16 +155,13 @@ def process(raw: bytes, key: bytes | None, *, storage_root: Path, worker: str,
             setattr(obj, name, value)
     obj.created_time = _created(event, now)
     series = result.state.key.encode()
+    # Each record goes to the topic it declares; a per-series record goes to the series
+    # window first, which debounces it and sends it on to its topic.
+    outputs = [Output(record.TOPIC, series, codec.dumps(record)) for record in result.records()
+               if not record.PER_SERIES]
     instance = {"sop_uid": result.image.sop_uid, "trace_id": event.trace_id, "state": result.state}
-    return Outcome(
-        [
-            Output(IMAGE, series, codec.dumps(result.image)),
-            Output(LOG, series, codec.dumps(obj)),
-            Output(SERIES_INSTANCES, series, codec.dumps(instance)),
-        ],
-        None,
-        event.trace_id,
-    )
+    outputs.append(Output(SERIES_INSTANCES, series, codec.dumps(instance)))
+    return Outcome(outputs, None, event.trace_id)
 
 
 def process_many(items: list[tuple[bytes, bytes | None, dict[str, Any]]], storage_root: Path, worker: str

@@ -17,6 +17,7 @@ The rules are the Rust system's ``make_state_info``/``make_image_info``:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,11 +62,15 @@ _IMAGE_BOUNDS = bounds(DicomImageMeta)
 
 @dataclass(slots=True)
 class Extracted:
-    """The three records built from one header."""
+    """The records built from one header, one per ``schemas.records.OUTPUT_RECORDS`` entry."""
 
     state: DicomStateMeta
     image: DicomImageMeta
     object: DicomObjectMeta
+
+    def records(self) -> tuple[Any, ...]:
+        """Every record, in ``OUTPUT_RECORDS`` order (the order outputs are produced)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
 def read_fast(path: str | os.PathLike[str]) -> Header:

@@ -6,6 +6,7 @@ the work.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ def inspect(files: tuple[Path, ...], tenant: str, as_json: bool) -> None:
             out: dict[str, Any] = {"file": str(path), "error": result.as_dict()}
         else:
             result.object.trace_id = trace_id_for(tenant, result.image.sop_uid, _storage_relative(path))
-            out = {"file": str(path), "state": result.state, "image": result.image, "object": result.object}
+            out = {"file": str(path), **{f.name: getattr(result, f.name) for f in dataclasses.fields(result)}}
         if as_json:
             click.echo(codec.dumps(out).decode())
         else:
@@ -285,7 +286,7 @@ def _print_human(out: dict[str, Any]) -> None:
         err = out["error"]
         click.secho(f"  rejected: {err['code']} field={err['field']}: {err['message']}", fg="red")
         return
-    for section in ("state", "image", "object"):
+    for section in (k for k in out if k != "file"):
         click.secho(f"  [{section}]", fg="cyan")
         for name, value in codec.to_row(out[section]).items():
             if value is not None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "DicomStateMeta",
     "DicomImageMeta",
     "DicomObjectMeta",
     "StorageEvent",
+    "OUTPUT_RECORDS",
     "bounds",
     "series_key",
 ]
@@ -70,6 +71,13 @@ class _MaybeSeriesKey:
 class DicomStateMeta(_SeriesRow):
     """Series-level state (PostgreSQL and Doris ``dicom_state_meta``)."""
 
+    #: Output topic; Doris table kind (``dicom_{kind}_meta``); debounced per series by the
+    #: series window before it reaches its topic; read by the series index (PostgreSQL).
+    TOPIC: ClassVar[str] = "dicom_state_queue"
+    DORIS_KIND: ClassVar[str | None] = "state"
+    PER_SERIES: ClassVar[bool] = True
+    DEDUP_TRACE: ClassVar[bool] = False
+
     study_uid_hash: str = field(metadata=_len(20))
     series_uid_hash: str = field(metadata=_len(20))
     study_date_origin: str = field(metadata=_len(8))
@@ -101,6 +109,11 @@ class DicomStateMeta(_SeriesRow):
 @dataclass(slots=True)
 class DicomImageMeta(_SeriesRow):
     """Instance-level image metadata (Doris ``dicom_image_meta``)."""
+
+    TOPIC: ClassVar[str] = "dicom_image_queue"
+    DORIS_KIND: ClassVar[str | None] = "image"
+    PER_SERIES: ClassVar[bool] = False
+    DEDUP_TRACE: ClassVar[bool] = False
 
     sop_uid: str = field(metadata=_len(64))
     study_uid_hash: str = field(metadata=_len(20))
@@ -145,6 +158,13 @@ class DicomObjectMeta(_MaybeSeriesKey):
     Written for every storage event, successful or not: ``transfer_status`` is
     ``SUCCESS`` or the error code that dead-lettered the event.
     """
+
+    TOPIC: ClassVar[str] = "log_queue"
+    DORIS_KIND: ClassVar[str | None] = "object"
+    PER_SERIES: ClassVar[bool] = False
+    #: A DUPLICATE KEY table: a row replayed after a crash would be a second row, so the
+    #: sink de-duplicates by (trace id, transfer status).
+    DEDUP_TRACE: ClassVar[bool] = True
 
     trace_id: str = field(metadata=_len(36))
     worker_node_id: str = field(metadata=_len(64))
@@ -201,3 +221,8 @@ class StorageEvent(_MaybeSeriesKey):
     def from_dict(cls, data: dict[str, Any]) -> StorageEvent:
         """Build from an already-validated event dict (see :mod:`schemas.contract`)."""
         return cls(**data)
+
+
+#: The records one stored instance becomes, in the order their outputs are produced. A new
+#: output is a record class here (with its TOPIC and DORIS_KIND) built by dicom/extract.py.
+OUTPUT_RECORDS: tuple[type[Any], ...] = (DicomStateMeta, DicomImageMeta, DicomObjectMeta)

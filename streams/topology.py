@@ -2,15 +2,19 @@
 
 Everything that needs a topic list reads it from here: topic creation, the Faust topic
 objects (streams/topics.py), the ingest fan-out's routing, the Doris sink stages, the
-lag gauge and ``dicomflow status``. Adding an output topic means adding one
-:class:`TopicSpec` here; a Doris-loaded one names its table kind as well.
+lag gauge and ``dicomflow status``. Internal topics are declared here.
 
-Plain data, no Faust import, so feeders and ``dicomflow status`` stay light.
+The output topics come from the records themselves (``schemas.records.OUTPUT_RECORDS``:
+each declares its topic and Doris table kind), so a new output is declared once, with its
+record. Plain data, no Faust import, so feeders and ``dicomflow status`` stay light.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from schemas.records import OUTPUT_RECORDS, DicomImageMeta, DicomObjectMeta, DicomStateMeta
 
 __all__ = ["TopicSpec", "TOPICS", "ALL_TOPICS", "BY_NAME", "DORIS_OUTPUTS", "consumed_topics",
            "STORAGE", "STATE", "IMAGE", "LOG", "DLQ", "SERIES_INSTANCES", "SINK_DLQ", "DORIS_INTENTS"]
@@ -39,25 +43,30 @@ class TopicSpec:
 
 
 STORAGE = "storage_queue"
-STATE = "dicom_state_queue"
-IMAGE = "dicom_image_queue"
-LOG = "log_queue"
-DLQ = "storage_queue_dlq"
 SERIES_INSTANCES = "dicomflow_series_instances"
+STATE = DicomStateMeta.TOPIC
+IMAGE = DicomImageMeta.TOPIC
+LOG = DicomObjectMeta.TOPIC
+DLQ = "storage_queue_dlq"
 SINK_DLQ = "dicomflow_sink_dlq"
 DORIS_INTENTS = "dicomflow_doris_intents"
+
+
+def _output(record: Any) -> TopicSpec:
+    """An output topic, as its record declares it (schemas/records.py)."""
+    per_series: bool = record.PER_SERIES
+    return TopicSpec(record.TOPIC, "series key" if per_series else "series key (trace id for failures)",
+                     record.__name__, consumed=per_series, consumed_by_doris=not per_series,
+                     doris_kind=record.DORIS_KIND, dedup_trace=record.DEDUP_TRACE,
+                     why=(record.__doc__ or "").strip().splitlines()[0])
+
 
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(STORAGE, "series key (or none)", "StorageEvent", consumed=True,
               why="storage events from the feeders: the pipeline's input"),
     TopicSpec(SERIES_INSTANCES, "series key", "series instance", consumed=True,
               why="internal: per-instance DicomStateMeta from ingest to the series window"),
-    TopicSpec(STATE, "series key", "DicomStateMeta", consumed=True, doris_kind="state",
-              why="one debounced series state per window"),
-    TopicSpec(IMAGE, "series key", "DicomImageMeta", consumed_by_doris=True, doris_kind="image",
-              why="one row per instance"),
-    TopicSpec(LOG, "series key (trace id for failures)", "DicomObjectMeta", consumed_by_doris=True,
-              doris_kind="object", dedup_trace=True, why="the transfer log, failures included"),
+    *(_output(record) for record in OUTPUT_RECORDS),
     TopicSpec(DLQ, "event key", "dead letter", dead_letters=True,
               why="storage events the pipeline refused, with the reason"),
     TopicSpec(SINK_DLQ, "series key", "dead letter", dead_letters=True,
