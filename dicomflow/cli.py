@@ -155,7 +155,7 @@ def up(workers: int | None) -> None:
     click.echo(f"  doris       {info['doris']}")
     click.echo(f"  storage     {info['storage_root']}")
     click.echo(f"  logs        {info['logs']}")
-    click.echo("Ctrl-C stops everything.")
+    click.echo("Ctrl-C drains and stops everything (a child that dies is restarted).")
     sys.exit(stack.supervise())
 
 
@@ -230,6 +230,7 @@ def status(as_json: bool, broker: str | None) -> None:
     else:
         report["postgres_dsn"] = stack.get("postgres_dsn")
     report["scp"] = stack.get("scp")
+    report["children"] = stack.get("children", {})
     from dicomflow.status import sink_counters
 
     urls = [w["metrics"] for w in stack.get("workers", [])] or [f"http://127.0.0.1:{settings.web_port}/metrics"]
@@ -248,6 +249,10 @@ def status(as_json: bool, broker: str | None) -> None:
     for sink, values in sorted(report["sinks"].items()):
         fields = " ".join(f"{k}={v:g}" for k, v in sorted(values.items()))
         click.echo(f"  sink {sink}: {fields}")
+    for name, child in sorted(report["children"].items()):
+        if child.get("restarts") or not child.get("running", True):
+            click.echo(f"  {name}: {'running' if child.get('running') else 'down'}, restarts={child.get('restarts')}, "
+                       f"last exit code {child.get('last_exit')}")
     if report["unreachable"]:
         click.echo(f"  workers not reachable for counters: {', '.join(report['unreachable'])}")
     click.echo(f"  postgres {report['postgres_dsn']}")

@@ -1,13 +1,18 @@
 """``dicomflow up``: the whole stack on one machine, with nothing installed but dicomflow.
 
 Starts what is not configured externally (the Tansu broker, PostgreSQL from the
-pgserver wheel), then the worker(s) and the SCP as child processes, prints where each
-listens, and on Ctrl-C/SIGTERM stops them in reverse order. The addresses in use are
-written to ``$DICOMFLOW_HOME/stack.json`` for ``dicomflow status``.
+pgserver wheel), then the worker(s) and the SCP as child processes, and prints where each
+listens. It supervises them: a child that dies is restarted with backoff while the rest
+keeps serving. Ctrl-C/SIGTERM drains: first the SCP stops accepting associations, then
+the workers finish and flush what is in flight (bounded, with a progress line), and only
+then PostgreSQL and the broker stop. Children die with ``up`` even when it is killed
+(dicomflow/lifeline.py). The addresses, pids and restarts are written to
+``$DICOMFLOW_HOME/stack.json`` for ``dicomflow status``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,15 +24,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import BrokerError
+from core.errors import BrokerError, DicomflowError
 from core.settings import Settings, child_env, mask_dsn
 from dicomflow.embedded.broker import EmbeddedBroker, embedded_broker_for
+from dicomflow.lifeline import tied_to
 
-__all__ = ["Stack", "read_stack_file"]
+__all__ = ["Stack", "StackError", "read_stack_file", "write_private"]
 
 log = logging.getLogger(__name__)
 
 STACK_FILE = "stack.json"
+
+
+class StackError(DicomflowError):
+    """The stack cannot start as asked (e.g. another one runs on the same home)."""
+
+    code = "STACK"
 
 
 def read_stack_file(home: Path) -> dict[str, Any]:
@@ -53,19 +65,66 @@ def write_private(path: Path, text: str) -> None:
 
 
 @dataclass
+class Child:
+    """One supervised process of the stack."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restarts: int = 0
+    #: When a dead child is due to start again (monotonic), or None while it runs.
+    restart_at: float | None = None
+    last_exit: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+#: Restart backoff: 1 s, doubling to 30 s; a child that ran this long starts over at 1 s.
+BACKOFF_MIN_S = 1.0
+BACKOFF_MAX_S = 30.0
+HEALTHY_AFTER_S = 60.0
+#: How long the SCP and the workers get to finish what is in flight when the stack stops.
+SCP_GRACE_S = 15.0
+DRAIN_S = 60.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
 class Stack:
     settings: Settings
     workers: int = 1
     echo: Any = print
     broker: EmbeddedBroker | None = None
     postgres: Any = None
-    children: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
     _stopping: bool = False
+
+    def check_not_running(self) -> None:
+        """Refuse to start over a live stack on the same home; say what to do."""
+        pid = read_stack_file(self.settings.home).get("pid")
+        if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+            raise StackError(f"a dicomflow stack is already running on DICOMFLOW_HOME={self.settings.home} "
+                             f"(up pid {pid}); stop it first (Ctrl-C in its terminal, or kill {pid})")
 
     def start(self) -> dict[str, Any]:
         s = self.settings
         s.home.mkdir(parents=True, exist_ok=True)
         s.storage_root.mkdir(parents=True, exist_ok=True)
+        self.check_not_running()
         env = child_env()
         env["DICOMFLOW_HOME"] = str(s.home)
         env["DICOMFLOW_STORAGE_ROOT"] = str(s.storage_root)
@@ -88,9 +147,10 @@ class Stack:
             dsn = s.postgres_dsn.get()
         for i in range(self.workers):
             wenv = dict(env, DICOMFLOW_WEB_PORT=str(s.web_port + i), DICOMFLOW_WORKER_ID=f"{s.worker_id}-{i}")
-            self._spawn(f"worker-{i}", [sys.executable, "-m", "dicomflow.cli", "worker"], wenv)
-        self._spawn("scp", [sys.executable, "-m", "dicomflow.cli", "scp"], env)
-        info = {
+            self._spawn(Child(f"worker-{i}", [sys.executable, "-m", "dicomflow.cli", "worker"], wenv))
+        self._spawn(Child("scp", [sys.executable, "-m", "dicomflow.cli", "scp"], env))
+        self.info = {
+            "pid": os.getpid(),
             "broker": broker_url,
             "broker_embedded": self.broker is not None,
             "postgres_dsn": mask_dsn(dsn),
@@ -102,18 +162,28 @@ class Stack:
             "storage_root": str(s.storage_root),
             "logs": str(s.home / "logs"),
         }
-        (s.home / STACK_FILE).write_text(json.dumps(info, indent=2))
+        self._write_state()
         # The unmasked DSN stays in a file only the owner can read, for `status`.
         write_private(s.home / "postgres.dsn", dsn)
-        return info
+        return self.info
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+    def _write_state(self) -> None:
+        self.info["children"] = {c.name: {"pid": c.proc.pid if c.proc else None, "running": c.running,
+                                          "restarts": c.restarts, "last_exit": c.last_exit}
+                                 for c in self.children}
+        (self.settings.home / STACK_FILE).write_text(json.dumps(self.info, indent=2))
+
+    def _spawn(self, child: Child) -> None:
         logs = self.settings.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child's lifetime
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-        self.children.append((name, proc))
+        with open(logs / f"{child.name}.log", "ab") as out:  # the child keeps its own descriptor
+            child.proc = subprocess.Popen(child.argv, env=child.env, stdout=out, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True,
+                                          preexec_fn=tied_to(os.getpid()))
+        child.started = time.monotonic()
+        child.restart_at = None
+        if child not in self.children:
+            self.children.append(child)
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
         """The SCP accepting associations is the last thing to come up.
@@ -129,41 +199,53 @@ class Stack:
                     return True
             except OSError:
                 pass
-            if any(proc.poll() is not None for _, proc in self.children):
+            if any(c.proc is not None and c.proc.poll() is not None for c in self.children):
                 return False
             time.sleep(0.2)
         return False
 
     def supervise(self) -> int:
-        """Block until a signal or a child's death; then stop everything. Returns an exit code."""
+        """Keep the children running until a signal; then drain and stop. Returns an exit code."""
         def on_signal(signum: int, frame: Any) -> None:
             self._stopping = True
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
-        code = 0
         while not self._stopping:
-            for name, proc in self.children:
-                if proc.poll() is not None:
-                    self.echo(f"dicomflow: {name} exited with code {proc.returncode}; stopping the stack "
-                              f"(see {self.settings.home / 'logs' / (name + '.log')})")
-                    self._stopping = True
-                    code = 1
+            self.tend(time.monotonic())
             time.sleep(0.2)
         self.stop()
-        return code
+        return 0
+
+    def tend(self, now: float) -> None:
+        """Notice dead children and restart them when their backoff has passed."""
+        changed = False
+        for child in self.children:
+            if child.proc is not None and child.restart_at is None and child.proc.poll() is not None:
+                child.last_exit = child.proc.returncode
+                ran = now - child.started
+                if ran >= HEALTHY_AFTER_S:
+                    child.restarts = 0
+                delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** child.restarts)
+                child.restart_at = now + delay
+                child.restarts += 1
+                self.echo(f"dicomflow: {child.name} exited with code {child.last_exit} after {ran:.0f} s; "
+                          f"restarting it in {delay:.0f} s (restart {child.restarts}; see "
+                          f"{self.settings.home / 'logs' / (child.name + '.log')})")
+                changed = True
+            elif child.restart_at is not None and now >= child.restart_at:
+                self._spawn(child)
+                self.echo(f"dicomflow: {child.name} restarted (pid {child.proc.pid if child.proc else '?'})")
+                changed = True
+        if changed:
+            self._write_state()
 
     def stop(self) -> None:
-        for _name, proc in reversed(self.children):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for name, proc in reversed(self.children):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in time; killing it", name)
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        """Drain, in order: the SCP stops accepting, the workers flush, then PostgreSQL and the broker."""
+        scp = [c for c in self.children if c.name == "scp"]
+        workers = [c for c in self.children if c.name != "scp"]
+        self._terminate(scp, SCP_GRACE_S, "the SCP to finish its associations")
+        self._terminate(workers, DRAIN_S, "the workers to flush what is in flight")
         self.children.clear()
         if self.postgres is not None:
             self.postgres.stop()
@@ -171,3 +253,28 @@ class Stack:
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
+        with contextlib.suppress(OSError):
+            (self.settings.home / STACK_FILE).unlink()
+
+    def _terminate(self, children: list[Child], grace: float, what: str) -> None:
+        live = [c for c in children if c.running]
+        for c in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(c.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]
+        started = time.monotonic()
+        next_note = started + 5.0
+        while live:
+            live = [c for c in live if c.running]
+            now = time.monotonic()
+            if live and now >= started + grace:
+                for c in live:
+                    log.warning("%s did not stop within %.0f s; killing it", c.name, grace)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(c.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+                    c.proc.wait()  # type: ignore[union-attr]
+                break
+            if live and now >= next_note:
+                self.echo(f"dicomflow: waiting for {what} ({', '.join(c.name for c in live)}, "
+                          f"{now - started:.0f} s of {grace:.0f} s)")
+                next_note = now + 5.0
+            time.sleep(0.1)

@@ -7,12 +7,14 @@ DICOMFLOW_BROKER is unset, and by the test suite.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from pathlib import Path
 
 from core.errors import BrokerError
 from core.settings import Settings, child_env
 from dicomflow.embedded.ports import free_port, wait_for_port
+from dicomflow.lifeline import tied_to
 
 __all__ = ["EmbeddedBroker", "embedded_broker_for", "tansu_binary"]
 
@@ -55,6 +57,8 @@ class EmbeddedBroker:
              "--storage-engine", "memory://tansu/"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=child_env({"RUST_LOG": self.rust_log}),
+            # The broker dies with whoever started it (``up``, a worker, a test session).
+            preexec_fn=tied_to(os.getpid()),
         )
         if not isinstance(out, int):
             out.close()  # the child has its own descriptor
