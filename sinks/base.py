@@ -70,6 +70,8 @@ class SinkBatch(Generic[T]):
     #: The source offsets this batch stands for, when the caller fixed them (records
     #: inside the range may have been skipped, e.g. as duplicates).
     source_range: tuple[int, int] | None = None
+    #: Rebuilt from a recorded intent (a replay): an earlier attempt may already hold its label.
+    replay: bool = False
 
     @property
     def first_offset(self) -> int:
