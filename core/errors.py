@@ -40,6 +40,8 @@ class Code:
     SINK_REJECTED = "SINK_REJECTED"
     #: The header parser's process died on the file (a crash, or the OOM killer).
     PARSER_CRASHED = "PARSER_CRASHED"
+    #: The header's structure is beyond the reader's bounds (sequence nesting, element count).
+    MALFORMED_DICOM = "MALFORMED_DICOM"
 
 
 class DicomflowError(Exception):

@@ -31,7 +31,8 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
-__all__ = ["ScannedHeader", "scan_bytes", "scan_file", "DELEGATE"]
+__all__ = ["ScannedHeader", "scan_bytes", "scan_file", "DELEGATE", "LimitExceeded", "MAX_DEPTH", "MAX_ELEMENTS",
+           "too_deep", "too_many"]
 
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _CHARSET_TAG = 0x00080005
@@ -50,6 +51,26 @@ _LONG_VRS = frozenset(vr.encode() for vr in "OB OD OF OL OV OW SQ SV UC UN UR UT
 #: The first read covers a typical header (CT, MR, CR: 2-20 KB); a longer one is read further.
 _FIRST_READ = 64 * 1024
 _MAX_HEADER_READ = 16 * 1024 * 1024
+
+#: Bounds on a header's structure, which every reader enforces (the scan here, pydicom's read in
+#: dicom/reader.py). Real headers nest sequences a dozen levels at most (SR content trees) and hold
+#: well under 200,000 elements (an enhanced multi-frame's per-frame groups); beyond these a file is
+#: hostile or broken, and walking it would exhaust the stack (600 nested sequences fit in 22 KB).
+MAX_DEPTH = 64
+MAX_ELEMENTS = 250_000
+
+
+def too_deep() -> str:
+    return f"sequences nested deeper than {MAX_DEPTH} levels"
+
+
+def too_many() -> str:
+    return f"more than {MAX_ELEMENTS} data elements in the header"
+
+
+class LimitExceeded(Exception):
+    """The header breaks :data:`MAX_DEPTH` or :data:`MAX_ELEMENTS`: a rejection, not a decline."""
+
 
 _TAG_LEN = struct.Struct("<HHI")
 _TAG_VR_LEN16 = struct.Struct("<HH2sH")
@@ -180,11 +201,18 @@ def _little_endian_explicit(uid: str) -> bool:
 
 
 def _walk(buf: Any, pos: int, end: int, implicit: bool, wanted: frozenset[int] | None,
-          out: dict[int, tuple[str, bytes, int]], nested: bool) -> int:
-    """Walk a dataset from ``pos``; returns where it ended (pixel data, item end or ``end``)."""
+          out: dict[int, tuple[str, bytes, int]], depth: int, budget: int) -> tuple[int, int]:
+    """Walk a dataset from ``pos`` (``depth`` sequences down; ``budget`` elements left to read).
+
+    Returns where it ended (pixel data, item end or ``end``) and the budget left.
+    """
     tag_len, tag_vr = _TAG_LEN.unpack_from, _TAG_VR_LEN16.unpack_from
     u32 = _U32.unpack_from
+    nested = depth > 0
     while pos < end:
+        budget -= 1
+        if budget < 0:
+            raise LimitExceeded(too_many())
         if pos + 8 > end:
             raise _CutOff("element header cut off")
         if implicit:
@@ -210,17 +238,18 @@ def _walk(buf: Any, pos: int, end: int, implicit: bool, wanted: frozenset[int] |
                 raise _Malformed(f"unknown VR {vr!r}")
         if group == 0xFFFE:
             if nested and tag == _ITEM_END:
-                return start
+                return start, budget + 1  # a delimiter is not an element
             raise _Malformed("item tag outside a sequence")
         if not nested and tag in _PIXEL_TAGS:
-            return pos
+            return pos, budget + 1
         if length == _UNDEFINED:
             if wanted is not None and tag in wanted:
                 raise _Malformed("a wanted element is a sequence")
             if implicit or vr == b"SQ":
-                pos = _skip_sequence(buf, start, end, implicit)
+                pos, budget = _skip_sequence(buf, start, end, implicit, depth + 1, budget)
             elif vr == b"UN":
-                pos = _skip_sequence(buf, start, end, True)  # PS3.5 6.2.2: UN of undefined length is implicit
+                # PS3.5 6.2.2: UN of undefined length is implicit
+                pos, budget = _skip_sequence(buf, start, end, True, depth + 1, budget)
             else:
                 raise _Malformed("undefined length on a non-sequence VR")
             continue
@@ -232,22 +261,25 @@ def _walk(buf: Any, pos: int, end: int, implicit: bool, wanted: frozenset[int] |
         pos = stop
     if nested:
         raise _CutOff("item without its delimiter")
-    return pos
+    return pos, budget
 
 
-def _skip_sequence(buf: Any, pos: int, end: int, implicit: bool) -> int:
-    """Skip an undefined-length sequence's items; returns the position after its delimiter."""
+def _skip_sequence(buf: Any, pos: int, end: int, implicit: bool, depth: int, budget: int) -> tuple[int, int]:
+    """Skip an undefined-length sequence's items (at ``depth``); returns the position after its
+    delimiter and the element budget left."""
+    if depth > MAX_DEPTH:
+        raise LimitExceeded(too_deep())
     while True:
         if pos + 8 > end:
             raise _CutOff("sequence cut off")
         group, elem, length = _TAG_LEN.unpack_from(buf, pos)
         tag = group << 16 | elem
         if tag == _SEQ_END:
-            return pos + 8
+            return pos + 8, budget
         if tag != _ITEM:
             raise _Malformed("sequence content is not an item")
         if length == _UNDEFINED:
-            pos = _walk(buf, pos + 8, end, implicit, None, {}, True)
+            pos, budget = _walk(buf, pos + 8, end, implicit, None, {}, depth, budget)
         else:
             pos += 8 + length
             if pos > end:
@@ -292,7 +324,7 @@ def _scan(buf: Any, size: int, wanted: frozenset[int], complete: bool = True) ->
         if pos + 6 <= size and not _consistent_vr_style(bytes(buf[pos + 4:pos + 6]), implicit):
             return None  # pydicom would switch VR style here; let it
         elements: dict[int, tuple[str, bytes, int]] = {}
-        if _walk(buf, pos, size, implicit, wanted, elements, False) >= size and not complete:
+        if _walk(buf, pos, size, implicit, wanted, elements, 0, MAX_ELEMENTS)[0] >= size and not complete:
             raise _NeedMore  # no pixel data yet: more elements may follow
     except _CutOff:
         if not complete:
@@ -318,12 +350,16 @@ def _wanted(tags: Iterable[int]) -> frozenset[int]:
 
 
 def scan_bytes(data: bytes, wanted: Iterable[int]) -> ScannedHeader | None:
-    """Scan a Part 10 file held in memory; ``None`` when the scan declines it."""
+    """Scan a Part 10 file held in memory; ``None`` when the scan declines it.
+
+    Raises :class:`LimitExceeded` for a header beyond :data:`MAX_DEPTH` or :data:`MAX_ELEMENTS`.
+    """
     return _scan(data, len(data), _wanted(wanted))
 
 
 def scan_file(path: str | os.PathLike[str], wanted: Iterable[int]) -> ScannedHeader | None:
-    """Scan a Part 10 file; ``None`` when the scan declines it. OSError propagates.
+    """Scan a Part 10 file; ``None`` when the scan declines it. OSError and
+    :class:`LimitExceeded` propagate.
 
     Reads the start of the file and more only while the header goes on (never the pixel
     data of a large file). Read, not mapped: a file truncated while it is being read must

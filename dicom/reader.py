@@ -23,7 +23,16 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
 from core.errors import Code, ExtractionError, FileAccessError
-from dicom.headerscan import ScannedHeader, scan_bytes, scan_file
+from dicom.headerscan import (
+    MAX_DEPTH,
+    MAX_ELEMENTS,
+    LimitExceeded,
+    ScannedHeader,
+    scan_bytes,
+    scan_file,
+    too_deep,
+    too_many,
+)
 
 __all__ = [
     "Header",
@@ -61,8 +70,38 @@ Source = str | os.PathLike[str] | bytes
 _TEXT_DELIMITERS = {0x5C}
 
 
+#: Values longer than this are skipped, not read, when pydicom reads a header (a header the scan
+#: gives up on can be hundreds of MB of private blobs); one the rules ask for is read on access.
+DEFER_SIZE = 256 * 1024
+
+
 def _file(source: Source) -> Any:
     return BytesIO(source) if isinstance(source, bytes) else source
+
+
+def _malformed(message: str) -> ExtractionError:
+    return ExtractionError(f"malformed DICOM: {message}", code=Code.MALFORMED_DICOM, field="file_path")
+
+
+def _check_structure(ds: Dataset) -> None:
+    """Enforce the scan's bounds on what pydicom read (sequences it parsed, elements it holds).
+
+    Iterative: the point is not to recurse over a hostile structure. Sequences pydicom left
+    unparsed (defined length) are not opened here; the rules never read one.
+    """
+    budget = MAX_ELEMENTS
+    stack: list[tuple[Dataset, int]] = [(ds, 0)]
+    while stack:
+        current, depth = stack.pop()
+        for elem in current.values():
+            budget -= 1
+            if budget < 0:
+                raise _malformed(too_many())
+            value = elem.value
+            if isinstance(value, Sequence):
+                if depth + 1 > MAX_DEPTH:
+                    raise _malformed(too_deep())
+                stack.extend((item, depth + 1) for item in value)
 
 
 def read_header(source: Source) -> Dataset:
@@ -77,11 +116,14 @@ def read_header(source: Source) -> Dataset:
             try:
                 # No specific_tags: pydicom's per-element tag filter costs more than it saves,
                 # and values are only decoded when the rules ask for them.
-                return pydicom.dcmread(_file(source), stop_before_pixels=True)
+                ds = pydicom.dcmread(_file(source), stop_before_pixels=True, defer_size=DEFER_SIZE)
+                _check_structure(ds)
+                return ds
             except InvalidDicomError:
                 # Files without the 128-byte preamble (ACR-NEMA style, or a raw dataset) are
                 # still DICOM; accept them only if a forced read finds real elements.
-                ds = pydicom.dcmread(_file(source), stop_before_pixels=True, force=True)
+                ds = pydicom.dcmread(_file(source), stop_before_pixels=True, force=True, defer_size=DEFER_SIZE)
+                _check_structure(ds)
                 if not any(elem.tag.group >= 0x0008 and elem.keyword for elem in ds):
                     raise ExtractionError(
                         "not a DICOM file: no preamble/DICM prefix and no recognisable elements",
@@ -96,6 +138,10 @@ def read_header(source: Source) -> Dataset:
                               field="file_path") from None
     except ExtractionError:
         raise
+    except RecursionError:
+        # pydicom parses undefined-length sequences recursively, several frames a level: the
+        # stack runs out well past MAX_DEPTH levels, so this is the bound's rejection.
+        raise _malformed(too_deep()) from None
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise ExtractionError(f"cannot parse DICOM header: {type(exc).__name__}: {exc}",
                               code=Code.NOT_DICOM, field="file_path") from None
@@ -109,6 +155,8 @@ def read(source: Source, tags: Iterable[int]) -> Header:
     """
     try:
         scanned = scan_bytes(source, tags) if isinstance(source, bytes) else scan_file(source, tags)
+    except LimitExceeded as exc:
+        raise _malformed(str(exc)) from None
     except (OSError, ValueError):
         scanned = None  # read_header classifies the failure (missing, unreadable, ...)
     return scanned if scanned is not None else read_header(source)
@@ -251,7 +299,8 @@ def read_instance_header(source: Source) -> InstanceHeader:
     """Read the identifying header values of a Part 10 file (its path) or its bytes.
 
     Raises :class:`FileAccessError` for a file that cannot be opened and
-    :class:`ExtractionError` (NOT_DICOM) when the data set cannot be decoded.
+    :class:`ExtractionError` (NOT_DICOM when the data set cannot be decoded, MALFORMED_DICOM
+    when its structure is beyond the reader's bounds).
     """
     try:
         with warnings.catch_warnings():
@@ -271,9 +320,13 @@ def read_instance_header(source: Source) -> InstanceHeader:
             )
     except FileAccessError:
         raise
+    except ExtractionError as exc:
+        if exc.code == Code.MALFORMED_DICOM:
+            raise
+        raise ExtractionError(f"cannot decode the data set: {exc.message}", code=Code.NOT_DICOM) from None
     except Exception as exc:  # pydicom raises many types on corrupt input
-        message = exc.message if isinstance(exc, ExtractionError) else f"{type(exc).__name__}: {exc}"
-        raise ExtractionError(f"cannot decode the data set: {message}", code=Code.NOT_DICOM) from None
+        raise ExtractionError(f"cannot decode the data set: {type(exc).__name__}: {exc}",
+                              code=Code.NOT_DICOM) from None
     if header.study_uid is None and header.series_uid is None and header.sop_uid is None:
         # A forced read takes almost any byte soup without raising; a data set with none
         # of the identifying UIDs is what such soup looks like, so call it undecodable.

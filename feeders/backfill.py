@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from core.errors import BrokerError, ConfigError, ContractError, ExtractionError, FileAccessError
+from core.errors import BrokerError, Code, ConfigError, ContractError, ExtractionError, FileAccessError
 from dicom.reader import InstanceHeader, read_instance_header
 from feeders.events import build_event, event_key, validated
 from feeders.publisher import EventPublisher
@@ -56,14 +56,19 @@ def iter_files(root: Path) -> Iterator[Path]:
 def _header(path: Path) -> InstanceHeader | None:
     try:
         return read_instance_header(path)
-    except (ExtractionError, FileAccessError):
+    except ExtractionError as exc:
+        if exc.code == Code.MALFORMED_DICOM:
+            raise  # a hostile structure: refused here, see backfill()
+        return None  # published anyway: ingest dead-letters the file with the reason
+    except FileAccessError:
         return None  # published anyway: ingest dead-letters the file with the reason
 
 
 def event_for(path: Path, storage_root: Path, tenant: str, worker: str) -> tuple[dict[str, Any], str | None, bool]:
     """The validated storage event for one file, its key, and whether its identifiers were readable.
 
-    Raises :class:`ContractError` (naming the field) when the event breaks the contract.
+    Raises :class:`ContractError` (naming the field) when the event breaks the contract, and
+    :class:`ExtractionError` (MALFORMED_DICOM) when the header's structure is beyond the reader's bounds.
     """
     rel = path.resolve().relative_to(storage_root.resolve()).as_posix()
     header = _header(path)
@@ -106,11 +111,13 @@ async def backfill(root: Path, *, storage_root: Path, tenant: str, worker: str, 
     for path in files:
         try:
             event, key, readable = await loop.run_in_executor(None, event_for, path, storage, tenant, worker)
-        except ContractError as exc:
-            # Not published: a data engineer fixes the tenant or the path, then re-runs.
+        except (ContractError, ExtractionError, FileAccessError) as exc:
+            # Not published: a data engineer fixes the tenant or the path (or removes a malformed
+            # file, which ingest would only reject again), then re-runs.
             summary.failed += 1
-            summary.errors.append(f"{path}: {exc.field}: {exc.message}")
-            log.warning("backfill refused path=%s field=%s reason=%s", path, exc.field, exc.message)
+            summary.errors.append(f"{path}: {exc.code}: {exc.field}: {exc.message}")
+            log.warning("backfill refused path=%s code=%s field=%s reason=%s", path, exc.code, exc.field,
+                        exc.message)
             if bar is not None:
                 bar.update(1)
             continue

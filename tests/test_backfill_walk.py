@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Any
 
 from feeders.backfill import iter_files
 from feeders.scp import SPOOL_DIR
@@ -19,3 +21,29 @@ def test_walk_skips_spool_temporaries_and_safety_copies(tmp_path: Path) -> None:
     (tmp_path / SPOOL_DIR / "tmpabc.dcm").write_bytes(b"arriving")
     (tmp_path / "link.dcm").symlink_to(series / "1.4.dcm")
     assert list(iter_files(tmp_path)) == [series / "1.4.dcm", series / "1.5.dcm"]
+
+
+class _Recorder:
+    """Stands in for EventPublisher: keeps what was published."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    async def publish(self, event: dict[str, Any], key: str | None) -> None:
+        self.events.append(event)
+
+
+async def test_a_malformed_file_is_reported_failed_and_the_run_goes_on(tmp_path: Path, ct_small: Path) -> None:
+    from feeders.backfill import backfill
+    from tests.support.bad_files import deeply_nested
+
+    root = tmp_path / "storage"
+    deeply_nested(ct_small, root / "old" / "a-deep.dcm", depth=600)
+    shutil.copy(ct_small, root / "old" / "b-good.dcm")
+    publisher = _Recorder()
+    summary = await backfill(root / "old", storage_root=root, tenant="t1", worker="w",
+                             publisher=publisher, progress=False)  # type: ignore[arg-type]
+    assert [e["file_path"] for e in publisher.events] == ["old/b-good.dcm"]
+    assert (summary.files, summary.published, summary.failed) == (2, 1, 1)
+    assert len(summary.errors) == 1 and "a-deep.dcm" in summary.errors[0]
+    assert "MALFORMED_DICOM" in summary.errors[0] and "nested deeper than" in summary.errors[0]

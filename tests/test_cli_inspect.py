@@ -58,3 +58,15 @@ def test_inspect_every_bundled_file_without_crash() -> None:
     lines = [orjson.loads(x) for x in proc.stdout.splitlines()]
     assert len(lines) == len(files)
     assert all(("error" in x) != ("state" in x) for x in lines)
+
+
+def test_inspect_prints_the_rejection_of_a_deeply_nested_file(tmp_path: Path, ct_small: Path) -> None:
+    from tests.support.bad_files import deeply_nested
+
+    deep = deeply_nested(ct_small, tmp_path / "deep.dcm", depth=600)
+    proc = _run("inspect", str(deep), str(ct_small), "--tenant", "t1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = [orjson.loads(x) for x in proc.stdout.splitlines()]
+    assert lines[0]["error"]["code"] == "MALFORMED_DICOM", lines[0]
+    assert "nested deeper than" in lines[0]["error"]["message"]
+    assert "state" in lines[1]

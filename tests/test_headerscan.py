@@ -222,3 +222,76 @@ def test_a_header_longer_than_the_first_read_is_read_further(tmp_path: Path) -> 
     assert scanned.value(_tag("PatientName")) == "Long^Header"
     fast, ref = both(path)
     assert fast == ref
+
+
+# ------------------------------------------------------------------------------------------ hostile structure
+
+
+def test_deep_nesting_is_malformed_dicom_on_both_paths(tmp_path: Path, ct_small: Path) -> None:
+    """600 nested undefined-length sequences (22 KB) once raised RecursionError out of the reader."""
+    from tests.support.bad_files import deeply_nested
+
+    path = deeply_nested(ct_small, tmp_path / "deep.dcm", depth=600)
+    fast, ref = both(path)
+    assert fast == ref
+    assert fast[1] == "MALFORMED_DICOM", fast
+    assert "nested deeper than" in fast[3]
+
+
+def test_nesting_within_the_bound_is_read(tmp_path: Path, ct_small: Path) -> None:
+    from tests.support.bad_files import deeply_nested
+
+    path = deeply_nested(ct_small, tmp_path / "nested.dcm", depth=20)
+    fast, ref = both(path)
+    assert fast == ref
+    assert isinstance(fast, extract_module.Extracted)
+
+
+def test_too_many_elements_is_malformed_dicom_on_both_paths(tmp_path: Path) -> None:
+    from dicom.headerscan import MAX_ELEMENTS
+
+    ds = _base(ExplicitVRLittleEndian)
+    blob = bytearray(_encode(ds, ExplicitVRLittleEndian))
+    count = 0
+    for group in range(0x0029, 0x0041, 2):  # private groups after every element of the base
+        for elem in range(0x1000, 0x10000):
+            blob += struct.pack("<HH2sH", group, elem, b"LO", 0)
+            count += 1
+            if count > MAX_ELEMENTS:
+                break
+        if count > MAX_ELEMENTS:
+            break
+    path = tmp_path / "many.dcm"
+    path.write_bytes(bytes(blob))
+    fast, ref = both(path)
+    assert fast == ref
+    assert fast[1] == "MALFORMED_DICOM", fast
+    assert f"more than {MAX_ELEMENTS}" in fast[3]
+
+
+def test_a_header_over_the_scan_limit_does_not_load_large_values(tmp_path: Path) -> None:
+    """Past 16 MB the scan gives up and pydicom reads the header: it must skip large values
+    (defer_size), not hold them in memory. The blob is a hole in a sparse file."""
+    import tracemalloc
+
+    blob_len = 200 * 1024 * 1024
+    ds = _base(ExplicitVRLittleEndian)
+    head = _encode(ds, ExplicitVRLittleEndian)
+    # The base ends with group 0028 at most; a private OB after it, then more wanted elements.
+    tail = _element(0x00291010, "OB", b"", False)[:8] + struct.pack("<I", blob_len)
+    after = _element(0x00400254, "LO", b"AFTER BLOB", False)  # PerformedProcedureStepDescription
+    path = tmp_path / "huge-header.dcm"
+    with open(path, "wb") as fh:
+        fh.write(head + tail)
+        fh.seek(blob_len, 1)
+        fh.write(after)
+    tracemalloc.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = extract(path, "t-scan", trace_id="tr", now=NOW)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(result, extract_module.Extracted), result
+    assert peak < 100 * 1024 * 1024, f"peak {peak / 2**20:.0f} MiB: the large value was read"
