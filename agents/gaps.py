@@ -26,8 +26,6 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from faust.types import TP
-
 from streams.broker import Record, read_range, start_offset
 
 if TYPE_CHECKING:
@@ -48,13 +46,18 @@ class GapGuard:
         self.expect: dict[int, int] = {}
         self.stats: dict[str, float] = {"gap_records_recovered": 0}
 
-    def forget(self, tps: Iterable[TP]) -> None:
-        for tp in tps:
-            if tp.topic == self.topic:
-                self.expect.pop(tp.partition, None)
+    def forget(self, tps: Iterable[tuple[str, int]]) -> None:
+        """Forget partitions (``(topic, partition)`` pairs, e.g. TPs): they restart from the committed offset."""
+        for topic, partition in tps:
+            if topic == self.topic:
+                self.expect.pop(partition, None)
 
     async def check(self, partition: int, offset: int) -> tuple[bool, list[Record]]:
-        """``(delivered_again, missing_records)`` for an event at ``offset``."""
+        """``(delivered_again, missing_records)`` for an event at ``offset``.
+
+        Atomic: the expected offset advances only once the missing records were read, so a
+        caller may retry a check that raised (a ``read_range`` error) without losing them.
+        """
         expect = self.expect.get(partition)
         if expect is None:
             try:

@@ -13,9 +13,10 @@ still sent in offset order from here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -26,8 +27,9 @@ from faust.types import EventT, StreamT
 from agents.fanout import Outcome, Output, failure, process_many
 from agents.gaps import GapGuard
 from agents.lanes import LaneSender
-from agents.sink_support import batches
+from agents.sink_support import run_batches, stopping
 from core.errors import Code, DicomflowError
+from sinks.base import retry_until_done
 from streams.topology import STORAGE
 
 if TYPE_CHECKING:
@@ -152,32 +154,45 @@ class IngestStage:
             return failure(raw, key, error, self.worker_id, source)
 
     async def consume(self, stream: StreamT[Any]) -> None:
+        # No exception leaves a batch with its events acked: run_batches acks only after
+        # _handle returned, and retries it (a send failure, a broken pool) otherwise.
+        await run_batches(self.app, stream, BATCH, BATCH_WITHIN_S, stage="ingest", prepare=self._items,
+                          handle=self._handle,
+                          on_abort=lambda events: self.guard.forget({(e.message.topic, e.message.partition)
+                                                                     for e in events}))
+
+    async def _items(self, events: Sequence[EventT]) -> list[Item]:
+        """The batch's items, with the records Faust skipped before them (once per batch)."""
+        items: list[Item] = []
+        for e in events:
+            _, missing = await retry_until_done(functools.partial(self.guard.check, e.message.partition,
+                                                                  e.message.offset),
+                                                what="ingest gap guard", should_stop=stopping(self.app))
+            items.extend((r.value, r.key, {"topic": r.topic, "partition": r.partition, "offset": r.offset})
+                         for r in missing)
+            items.append(_item(e))
+        return items
+
+    async def _handle(self, items: list[Item]) -> None:
         loop = asyncio.get_running_loop()
-        async for events in batches(stream, BATCH, BATCH_WITHIN_S):
-            started = loop.time()
-            items: list[Item] = []
-            for e in events:
-                _, missing = await self.guard.check(e.message.partition, e.message.offset)
-                items.extend((r.value, r.key, {"topic": r.topic, "partition": r.partition, "offset": r.offset})
-                             for r in missing)
-                items.append(_item(e))
-            failed = 0
-            done = 0
-            sender: LaneSender[Output] = LaneSender(self._send, _lane)
-            try:
-                async for chunk in self._outcomes(items):
-                    for item, outcome in zip(items[done:done + len(chunk)], chunk, strict=True):
-                        for out in outcome.outputs:
-                            sender.add(out)
-                        failed += self._account(item, outcome)
-                    done += len(chunk)
-                lanes = sender.lanes
-                await sender.drain()
-            except BaseException:
-                sender.cancel()  # no send outlives a batch that is not going to be acked
-                raise
-            log.info("ingest batch events=%s dead_lettered=%s lanes=%s elapsed_s=%.3f", len(items), failed, lanes,
-                     loop.time() - started)
+        started = loop.time()
+        failed = 0
+        done = 0
+        sender: LaneSender[Output] = LaneSender(self._send, _lane)
+        try:
+            async for chunk in self._outcomes(items):
+                for item, outcome in zip(items[done:done + len(chunk)], chunk, strict=True):
+                    for out in outcome.outputs:
+                        sender.add(out)
+                    failed += self._account(item, outcome)
+                done += len(chunk)
+            lanes = sender.lanes
+            await sender.drain()
+        except BaseException:
+            sender.cancel()  # no send outlives a batch that is not going to be acked
+            raise
+        log.info("ingest batch events=%s dead_lettered=%s lanes=%s elapsed_s=%.3f", len(items), failed, lanes,
+                 loop.time() - started)
 
     async def _send(self, out: Output) -> None:
         await self.app.queues.by_name[out.topic].send(key=out.key, value=out.value)

@@ -7,13 +7,19 @@ refused the event.
 from __future__ import annotations
 
 import base64
+import hashlib
 from datetime import datetime
 from typing import Any
 
 from core.errors import DicomflowError
 from schemas import codec
 
-__all__ = ["dead_letter"]
+__all__ = ["dead_letter", "MAX_ORIGINAL_BYTES"]
+
+#: The most of an original event a dead letter carries. Kept well under the producer's
+#: request size (1 MiB): a letter that cannot be sent would fail its whole batch. A
+#: longer original keeps its size, its sha256 and its first bytes.
+MAX_ORIGINAL_BYTES = 64 * 1024
 
 
 def dead_letter(*, error: DicomflowError, stage: str, worker: str, raw: bytes,
@@ -32,6 +38,13 @@ def dead_letter(*, error: DicomflowError, stage: str, worker: str, raw: bytes,
         "worker": worker,
         "source": source,
     }
-    if original is None:
+    if len(raw) > MAX_ORIGINAL_BYTES:
+        # Too big to carry whole (base64 would add a third): the reason, and enough to find it.
+        letter["original"] = None
+        letter["original_truncated"] = True
+        letter["original_size"] = len(raw)
+        letter["original_sha256"] = hashlib.sha256(raw).hexdigest()
+        letter["original_raw_base64"] = base64.b64encode(raw[:MAX_ORIGINAL_BYTES]).decode("ascii")
+    elif original is None:
         letter["original_raw_base64"] = base64.b64encode(raw).decode("ascii")
     return codec.dumps(letter)

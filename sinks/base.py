@@ -40,6 +40,8 @@ __all__ = [
     "Backoff",
     "flush_with_retry",
     "start_or_defer",
+    "RetryAborted",
+    "retry_until_done",
 ]
 
 log = logging.getLogger(__name__)
@@ -174,7 +176,7 @@ async def flush_with_retry(
 
     Returns the number of items written. Rejected items are handed to ``on_rejected``
     (the dead-letter path) before this returns. If ``should_stop`` turns true while
-    retrying, raises :class:`asyncio.CancelledError` so the caller does not ack.
+    retrying, raises :class:`RetryAborted` so the caller does not ack.
     """
     written = 0
     loop = asyncio.get_running_loop()
@@ -191,7 +193,7 @@ async def flush_with_retry(
                             sink.name, batch.topic, batch.partition, batch.first_offset,
                             batch.last_offset, delay, exc.message)
                 if should_stop():
-                    raise asyncio.CancelledError from exc
+                    raise RetryAborted(f"sink={sink.name} gave up retrying: stopping or rebalancing") from exc
                 await asyncio.sleep(delay)
                 continue
             except SinkDataError as exc:
@@ -212,6 +214,42 @@ async def flush_with_retry(
             break
     return written
 
+
+
+class RetryAborted(Exception):  # noqa: N818 - it is not an error of the batch
+    """A retry loop gave up because the worker is stopping or rebalancing; nothing was acked.
+
+    Faust waits for every unacked event before a revocation completes, so a retry must not
+    outlive a rebalance. The events are handed back unacked: the partition's next owner
+    replays them from the committed offset (idempotent writes, Doris intents and labels).
+    """
+
+
+async def retry_until_done(attempt: Callable[[], Awaitable[T]], *, what: str,
+                           should_stop: Callable[[], bool] = lambda: False,
+                           on_error: Callable[[BaseException], None] = lambda exc: None,
+                           backoff: Backoff | None = None) -> T:
+    """``attempt()`` until it returns; any exception is logged, counted and retried with backoff.
+
+    No exception but :class:`RetryAborted` (``should_stop`` turned true) leaves: an agent
+    body that lets one escape has its batch acked by Faust. ``attempt`` must be idempotent.
+    """
+    bo = backoff or Backoff()
+    while True:
+        try:
+            return await attempt()
+        except RetryAborted:
+            raise
+        except Exception as exc:
+            on_error(exc)
+            delay = bo.next_delay()
+            log.error("retrying %s in %.2fs (not acked) error=%s: %s", what, delay, type(exc).__name__,
+                      getattr(exc, "message", None) or exc)
+            if should_stop():
+                raise RetryAborted(f"{what}: gave up retrying, stopping or rebalancing") from exc
+            await asyncio.sleep(delay)
+            if should_stop():
+                raise RetryAborted(f"{what}: gave up retrying, stopping or rebalancing") from exc
 
 
 async def start_or_defer(sink: BatchingSink[Any]) -> None:

@@ -206,6 +206,8 @@ class PostgresSink(BatchingSink[DicomStateMeta]):
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.counters["stale_skipped"] = 0
+        #: Alert: errors neither transient nor data (a REVOKE, a renamed table), retried.
+        self.counters["unexpected_errors"] = 0
         self._pool: asyncpg.Pool | None = None
         self._start_lock = asyncio.Lock()
 
@@ -229,7 +231,7 @@ class PostgresSink(BatchingSink[DicomStateMeta]):
                     self._dsn.get(), min_size=self.min_size, max_size=self.max_size,
                     timeout=self.connect_timeout, command_timeout=self.command_timeout)
             except Exception as exc:
-                raise _translate(exc, "connect") from exc
+                raise self._alert(_translate(exc, "connect")) from exc
             try:
                 if self.apply_schema:
                     async with pool.acquire(timeout=self.connect_timeout) as conn:
@@ -237,11 +239,16 @@ class PostgresSink(BatchingSink[DicomStateMeta]):
             except BaseException as exc:
                 pool.terminate()
                 if isinstance(exc, Exception):
-                    raise _translate(exc, "apply schema") from exc
+                    raise self._alert(_translate(exc, "apply schema")) from exc
                 raise
             self._pool = pool
             log.info("sink=postgres started dsn=%s min_size=%s max_size=%s schema_applied=%s",
                      mask_dsn(self._dsn.get()), self.min_size, self.max_size, self.apply_schema)
+
+    def _alert(self, error: SinkError) -> SinkError:
+        if isinstance(error, UnexpectedPostgresError):
+            self.counters["unexpected_errors"] += 1
+        return error
 
     async def stop(self) -> None:
         pool, self._pool = self._pool, None
@@ -278,7 +285,7 @@ class PostgresSink(BatchingSink[DicomStateMeta]):
         except _DATA_ERRORS as exc:  # only if isolation itself could not attribute it
             raise SinkDataError(_pg_message(exc)) from exc
         except Exception as exc:
-            raise _translate(exc, "write") from exc
+            raise self._alert(_translate(exc, "write")) from exc
         self.counters["stale_skipped"] += accepted - affected
         self._log_rejected(batch, rejected)
         log.debug("sink=postgres topic=%s partition=%s items=%s series=%s upserted=%s stale=%s rejected=%s",
@@ -462,5 +469,13 @@ def _translate(exc: Exception, action: str) -> SinkError:
     if isinstance(exc, _RETRYABLE_ERRORS):
         # retry_after=0: the caller's backoff alone paces reconnects.
         return SinkRetryableError(f"postgres {action}: {detail}", retry_after=0.0)
-    # Bugs and misconfiguration (missing table, bad password, syntax): fail loudly.
-    return SinkError(f"postgres {action}: {detail}")
+    # Anything else (a rotated password, a REVOKE, a renamed table, a bug) cannot be told
+    # from an operator's fix in progress: retry, slowly, and alert (counter
+    # ``postgres_unknown_errors`` in /metrics, an ERROR log line). Giving up would ack the
+    # batch (faust's take_events acks in a finally), losing it.
+    log.error("sink=postgres %s failed with an unexpected error, retrying (alert) error=%s", action, detail)
+    return UnexpectedPostgresError(f"postgres {action} (unexpected, retried): {detail}", retry_after=5.0)
+
+
+class UnexpectedPostgresError(SinkRetryableError):
+    """An error that is neither transient, nor data, nor client-side: retried with an alert."""

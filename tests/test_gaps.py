@@ -59,6 +59,6 @@ async def test_with_a_committed_offset_the_guard_starts_there(topic: str, fresh_
         await consumer.stop()
     guard = gaps.GapGuard(_app(fresh_broker), topic)
     assert await guard.check(0, 7) == (False, [])
-    guard.forget([gaps.TP(topic, 0)])
+    guard.forget([(topic, 0)])
     again, missing = await guard.check(0, 9)
     assert [r.offset for r in missing] == [7, 8] and not again

@@ -21,6 +21,7 @@ from sinks.base import Backoff, Rejected, SinkBatch, SinkItem, flush_with_retry
 from sinks.postgres import (
     COLUMNS,
     PostgresSink,
+    UnexpectedPostgresError,
     _translate,
     apply_schema,
     get_json_metaes,
@@ -327,19 +328,25 @@ def test_errors_are_classified_for_the_sink_contract() -> None:
                  asyncpg.exceptions.TooManyConnectionsError("x"), asyncpg.exceptions.InterfaceError("closed")]
     for exc in retryable:
         assert isinstance(_translate(exc, "write"), SinkRetryableError), exc
-    fatal = [asyncpg.exceptions.UndefinedTableError("x"), asyncpg.exceptions.InvalidPasswordError("x"),
-             asyncpg.exceptions.ClientConfigurationError("x")]
+    # Issue #14: a renamed table, a REVOKE or a rotated password is retried with an alert;
+    # giving up would let the agent's batch be acked.
+    unexpected = [asyncpg.exceptions.UndefinedTableError("x"), asyncpg.exceptions.InvalidPasswordError("x"),
+                  asyncpg.exceptions.InsufficientPrivilegeError("x")]
+    for exc in unexpected:
+        assert isinstance(_translate(exc, "write"), UnexpectedPostgresError), exc
+    fatal = [asyncpg.exceptions.ClientConfigurationError("x")]
     for exc in fatal:
         translated = _translate(exc, "write")
         assert isinstance(translated, SinkError) and not isinstance(translated, SinkRetryableError), exc
 
 
-async def test_wrong_password_is_a_hard_error_without_the_password(pg_server: EmbeddedPostgres) -> None:
+async def test_wrong_password_is_retried_with_an_alert_without_the_password(pg_server: EmbeddedPostgres) -> None:
     dsn = pg_server.dsn_for("postgres").replace("postgres:", "postgres:Wr0ngSecret", 1)
     sink = PostgresSink(dsn)
     with pytest.raises(SinkError) as info:
         await sink.start()
-    assert not isinstance(info.value, SinkRetryableError)
+    assert isinstance(info.value, UnexpectedPostgresError)  # a password rotation in progress
+    assert sink.counters["unexpected_errors"] == 1
     assert "Wr0ngSecret" not in str(info.value) and "Wr0ngSecret" not in repr(sink)
 
 
