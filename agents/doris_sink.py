@@ -18,6 +18,7 @@ The seeds' consumer committed offsets before writing; this is the fix.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,12 +28,12 @@ from faust import Stream
 from faust.types import TP, EventT, StreamT
 
 from agents.gaps import GapGuard
-from agents.sink_support import dead_letter_rejected, event_bytes, serve_sink
-from sinks.base import Rejected
+from agents.sink_support import dead_letter_rejected, event_bytes, release, serve_sink, stopping
+from sinks.base import Rejected, RetryAborted, retry_until_done
 from sinks.doris import DorisTableSink, StreamLoadClient
 from sinks.doris_batches import BatchLimits, DorisBatcher, DorisPorts
 from sinks.doris_intents import Range, encode_intents, latest_intents
-from streams.broker import Record, read_range
+from streams.broker import Record, read_last, read_range
 from streams.topology import DORIS_INTENTS, DORIS_OUTPUTS, TopicSpec
 
 if TYPE_CHECKING:
@@ -52,10 +53,13 @@ class _TopicIntents:
 
     def __init__(self, app: DicomflowApp) -> None:
         self.app = app
+        self.stats: dict[str, float] = {"intent_records_read": 0}
 
     async def read(self, key: bytes, partition: int) -> list[Range]:
-        records = await read_range(self.app.bootstrap, DORIS_INTENTS, partition, None, None)
-        return latest_intents(((r.key, r.value) for r in records), key)
+        # The latest record of the key holds every range still needed: read from the end.
+        record, read = await read_last(self.app.bootstrap, DORIS_INTENTS, partition, key)
+        self.stats["intent_records_read"] += read
+        return latest_intents([(record.key, record.value)] if record else [], key)
 
     async def record(self, key: bytes, partition: int, ranges: Sequence[Range]) -> None:
         fut = await self.app.queues.doris_intents.send(key=key, value=encode_intents(ranges), partition=partition)
@@ -65,8 +69,13 @@ class _TopicIntents:
 class _ManualAck:
     """Acks through the agent's manual-ack stream, once the agent has opened it."""
 
-    def __init__(self) -> None:
+    def __init__(self, app: DicomflowApp | None = None) -> None:
         self.stream: StreamT[Any] | None = None
+        self.app = app
+
+    def release(self, events: Sequence[EventT]) -> None:
+        if self.app is not None:
+            release(self.app, events)
 
     async def __call__(self, event: EventT) -> None:
         if self.stream is not None:
@@ -91,9 +100,20 @@ class DorisStage:
             async with self.batcher.lock:
                 pass  # a flush in progress (Doris slow or down) holds us here: backpressure
             msg = event.message
-            again, missing = await self.guard.check(msg.partition, msg.offset)
             record = Record(msg.topic, msg.partition, msg.offset, event.key, event_bytes(event), msg.timestamp or 0.0)
-            await self.batcher.on_event(record, event, again=again, missing=missing)
+            try:
+                # The guard advances only once its read succeeded; on_event retries the
+                # partition open itself. Nothing but RetryAborted leaves (stopping, rebalancing):
+                # then the partition restarts from its committed offset, this event included.
+                again, missing = await retry_until_done(
+                    functools.partial(self.guard.check, msg.partition, msg.offset),
+                    what=f"doris gap guard topic={msg.topic}", should_stop=self.batcher.ports.should_stop)
+                await self.batcher.on_event(record, event, again=again, missing=missing)
+            except RetryAborted:
+                if msg.partition in self.batcher.parts or msg.partition in self.batcher.parked:
+                    self.batcher.drop(msg.partition)  # also hands back (releases) the buffered events
+                self.guard.forget([(msg.topic, msg.partition)])
+                self.acks.release([event])
 
     def assign(self, assigned: set[TP]) -> None:
         moved = self.batcher.assign(assigned)
@@ -112,13 +132,27 @@ def _stage(app: DicomflowApp, settings: Settings, spec: TopicSpec, client: Strea
     async def dead_letter(rejected: Sequence[Rejected[dict[str, Any]]]) -> None:
         await dead_letter_rejected(app, rejected, stage_name)
 
-    acks = _ManualAck()
+    acks = _ManualAck(app)
+    guard = GapGuard(app, spec.name)
+
+    def committed(partition: int) -> int | None:
+        try:
+            offset = app.consumer._committed_offset.get(TP(spec.name, partition))  # type: ignore[attr-defined]  # noqa: SLF001
+        except Exception:  # noqa: BLE001 - no consumer yet: keep every intent
+            return None
+        return int(offset) if offset is not None else None
+
+    def released(partition: int, events: Sequence[EventT]) -> None:
+        guard.forget([(spec.name, partition)])  # its records are read again from the committed offset
+        acks.release(events)
+
     ports: DorisPorts[EventT] = DorisPorts(intents=intents, read_source=read_source, ack=acks,
-                                           dead_letter=dead_letter, should_stop=lambda: bool(app.should_stop))
+                                           dead_letter=dead_letter, should_stop=stopping(app),
+                                           committed=committed, release=released)
     sink = DorisTableSink.from_settings(settings, kind, client)
     batcher = DorisBatcher(sink, spec.name, ports, BatchLimits.from_settings(settings), kind=kind,
                            dedup_trace=spec.dedup_trace)
-    return DorisStage(spec, batcher, GapGuard(app, spec.name), acks)
+    return DorisStage(spec, batcher, guard, acks)
 
 
 def register(app: DicomflowApp, settings: Settings) -> None:
@@ -135,10 +169,9 @@ def register(app: DicomflowApp, settings: Settings) -> None:
         serve_sink(app, stage.batcher.sink, f"doris_{kind}")
         app.metrics.register_counters(f"doris_{kind}_stage", stage.batcher.counters)
         app.metrics.register_counters(f"doris_{kind}_gaps", stage.guard.stats)
-
-    async def doris_tick() -> None:
-        for stage in stages:
-            await stage.batcher.tick()
+        # Each table flushes on its own timer: one table's failing loads stall only that table.
+        app.timer(TICK_S, name=f"doris_tick_{kind}")(stage.batcher.tick)
+    app.metrics.register_counters("doris_intents", intents.stats)
 
     async def doris_revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
         revoked: set[TP] = kwargs.get("revoked") or (args[0] if args else set())
@@ -150,7 +183,6 @@ def register(app: DicomflowApp, settings: Settings) -> None:
         for stage in stages:
             stage.assign(assigned)
 
-    app.timer(TICK_S)(doris_tick)
     app.on_partitions_revoked.connect(doris_revoked)  # type: ignore[arg-type]
     app.on_partitions_assigned.connect(doris_assigned)  # type: ignore[arg-type]
 

@@ -35,7 +35,7 @@ import orjson
 
 from core.errors import SinkDataError
 from core.settings import Settings
-from sinks.base import Rejected, SinkBatch, SinkItem, flush_with_retry
+from sinks.base import Rejected, RetryAborted, SinkBatch, SinkItem, flush_with_retry, retry_until_done
 from sinks.dedupe import DedupWindow, dedup_key, dedup_keys
 from sinks.doris import DorisTableSink
 from sinks.doris_intents import IntentStore, Range, intent_key, remember
@@ -92,8 +92,14 @@ class DorisPorts(Generic[E]):
     ack: Callable[[E], Awaitable[None]]
     #: Rows refused as data (undecodable here, invalid for the DDL, or refused by Doris).
     dead_letter: Callable[[Sequence[Rejected[Row]]], Awaitable[None]]
-    #: True once the worker is stopping: a retrying load gives up without acking.
+    #: True once the worker is stopping or rebalancing: a retrying load gives up without acking.
     should_stop: Callable[[], bool]
+    #: The source partition's committed offset (where a replay starts), if known: older
+    #: intents can be dropped.
+    committed: Callable[[int], int | None] = lambda partition: None
+    #: Hand back a partition's buffered events unacked (a retry gave up): the stage lets
+    #: Faust's revocation go on and restarts the partition from its committed offset.
+    release: Callable[[int, Sequence[E]], None] = lambda partition, events: None
 
 
 @dataclass
@@ -107,6 +113,8 @@ class _Partition(Generic[E]):
     nbytes: int = 0
     started: float = 0.0
     forced_end: int | None = None
+    replay: bool = False
+    intent_recorded: bool = False
 
 
 class DorisBatcher(Generic[E]):
@@ -164,11 +172,18 @@ class DorisBatcher(Generic[E]):
 
     async def _open(self, partition: int, first_offset: int) -> _Partition[E]:
         part: _Partition[E] = _Partition(DedupWindow(self.limits.dedup_window))
-        part.intents = await self.ports.intents.read(self._intent_key(partition), partition)
-        window = self.limits.dedup_window
-        if self.dedup_trace and window and first_offset > 0:
-            start = max(0, first_offset - window)
-            part.seen.seed(dedup_keys(await self.ports.read_source(partition, start, first_offset)))
+
+        async def read() -> None:
+            part.intents = await self.ports.intents.read(self._intent_key(partition), partition)
+            window = self.limits.dedup_window
+            if self.dedup_trace and window and first_offset > 0:
+                start = max(0, first_offset - window)
+                part.seen.seed(dedup_keys(await self.ports.read_source(partition, start, first_offset)))
+
+        # Retried here (the caller's gap guard has advanced past this event already); only
+        # RetryAborted (stopping, rebalancing) leaves, and the stage then forgets the partition.
+        await retry_until_done(read, what=f"doris open table={self.sink.table} partition={partition}",
+                               should_stop=self.ports.should_stop)
         self.parts[partition] = part
         log.info("doris sink open table=%s partition=%s from_offset=%s intents=%s dedup_window=%s",
                  self.sink.table, partition, first_offset, len(part.intents), len(part.seen))
@@ -221,7 +236,9 @@ class DorisBatcher(Generic[E]):
                 raise ValueError("not a JSON object")
         except ValueError as exc:
             bad: SinkItem[Row] = SinkItem({}, key, record.topic, record.partition, offset, raw=raw)
-            await self.ports.dead_letter([Rejected(bad, SinkDataError(f"undecodable row: {exc}"))])
+            letter = [Rejected(bad, SinkDataError(f"undecodable row: {exc}"))]
+            await retry_until_done(lambda: self.ports.dead_letter(letter), what="doris dead letter",
+                                   should_stop=self.ports.should_stop)
             return
         if self.dedup_trace:
             dkey = dedup_key(row)
@@ -238,10 +255,12 @@ class DorisBatcher(Generic[E]):
         part.first = offset
         part.started = time.monotonic()
         part.forced_end = None
+        part.replay = part.intent_recorded = False
         for a, b in part.intents:
             if a <= offset <= b:
                 # Replaying a range that was (maybe) loaded before a crash: rebuild it exactly.
                 part.first, part.forced_end = a, b
+                part.replay = part.intent_recorded = True
                 self.counters["replayed_batches"] += 1
                 break
 
@@ -256,6 +275,15 @@ class DorisBatcher(Generic[E]):
         return now is not None and now - part.started >= self.limits.max_interval_s
 
     # -- flushing ----------------------------------------------------------------------
+
+    def drop(self, partition: int) -> None:
+        """Forget a partition's buffer and hand its events back unacked (a retry gave up)."""
+        part = self.parts.pop(partition, None) or self.parked.pop(partition, None)
+        events = part.events if part is not None else []
+        self.counters["batches_released"] = self.counters.get("batches_released", 0) + 1
+        log.warning("doris sink released unacked table=%s partition=%s events=%s (replayed from the committed "
+                    "offset under the same intents)", self.sink.table, partition, len(events))
+        self.ports.release(partition, events)
 
     async def tick(self) -> None:
         """Flush every partition whose batch has waited long enough (called by a timer)."""
@@ -272,16 +300,31 @@ class DorisBatcher(Generic[E]):
                 return
             first, last = part.first, part.last
             events, items = part.events, part.items
-            if part.forced_end is None:
-                await self._record_intent(partition, part, (first, last))
-            self.sink.add_batch(SinkBatch(self.topic, partition, items, source_range=(first, last)))
-            await flush_with_retry(self.sink, on_rejected=self.ports.dead_letter, should_stop=self.ports.should_stop)
+
+            async def load() -> None:
+                if not part.intent_recorded:
+                    await self._record_intent(partition, part, (first, last))
+                    part.intent_recorded = True
+                self.sink.take_batches()  # what a failed attempt left behind is added again
+                self.sink.add_batch(SinkBatch(self.topic, partition, items, source_range=(first, last),
+                                              replay=part.replay))
+                await flush_with_retry(self.sink, on_rejected=self.ports.dead_letter,
+                                       should_stop=self.ports.should_stop)
+
+            try:
+                # Any failure is retried (never acked past); a rebalance or shutdown stops the
+                # retry, and the events go back unacked (intents and labels make the replay safe).
+                await retry_until_done(load, what=f"doris load table={self.sink.table} partition={partition}",
+                                       should_stop=self.ports.should_stop)
+            except RetryAborted:
+                self.drop(partition)
+                return
             for event in events:
                 await self.ports.ack(event)
             part.events, part.items, part.nbytes = [], [], 0
             part.first = part.last = part.forced_end = None
 
     async def _record_intent(self, partition: int, part: _Partition[E], rng: Range) -> None:
-        part.intents = remember(part.intents, rng)
+        part.intents = remember(part.intents, rng, self.ports.committed(partition))
         # The range must be durable before Doris can hold the batch.
         await self.ports.intents.record(self._intent_key(partition), partition, part.intents)

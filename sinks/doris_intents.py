@@ -23,8 +23,8 @@ __all__ = ["Range", "IntentStore", "INTENTS_KEPT", "intent_key", "encode_intents
 
 Range = tuple[int, int]
 
-#: How many recent batch ranges each partition remembers in the intents topic; only
-#: ranges at or above the committed offset matter, and commits lag by seconds.
+#: How many ranges the old rule kept (kept for its tests): the store now keeps every range
+#: that ends at or above the committed offset, however many flushes a stuck commit spans.
 INTENTS_KEPT = 64
 
 
@@ -61,6 +61,9 @@ def latest_intents(records: Iterable[tuple[bytes | None, bytes]], key: bytes) ->
     return latest
 
 
-def remember(ranges: Sequence[Range], new: Range) -> list[Range]:
-    """``ranges`` plus ``new``, keeping the last :data:`INTENTS_KEPT`."""
-    return [*ranges, new][-INTENTS_KEPT:]
+def remember(ranges: Sequence[Range], new: Range, committed: int | None = None) -> list[Range]:
+    """``ranges`` plus ``new``, dropping only ranges wholly below ``committed`` (never replayed).
+
+    With no committed offset known, every range is kept: a replay may start anywhere.
+    """
+    return [r for r in [*ranges, new] if committed is None or r[1] >= committed]

@@ -27,7 +27,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from core.errors import BrokerError, ConfigError
 
 __all__ = ["bootstrap_of", "ensure_topics", "Record", "end_offsets", "beginning_offsets", "committed_offsets",
-           "start_offset", "read_range", "count_codes"]
+           "start_offset", "read_range", "read_last", "count_codes"]
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,37 @@ async def read_range(bootstrap: str, topic: str, partition: int, start: int | No
                 if r.offset < stop:
                     out.append(Record(topic, partition, r.offset, r.key, r.value or b"", (r.timestamp or 0) / 1000.0))
         return out
+
+
+async def read_last(bootstrap: str, topic: str, partition: int, key: bytes, *,
+                    chunk: int = 256) -> tuple[Record | None, int]:
+    """The last record of one partition with ``key``, read backwards chunk by chunk from the end.
+
+    Returns it (or None) and how many records were read: a key written recently costs
+    one chunk, however long the partition is.
+    """
+    async with _consumer(bootstrap) as consumer:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        begin = (await consumer.beginning_offsets([tp]))[tp]
+        end = (await consumer.end_offsets([tp]))[tp]
+        read = 0
+        while end > begin:
+            start = max(begin, end - chunk)
+            consumer.seek(tp, start)
+            found: Record | None = None
+            while await consumer.position(tp) < end:
+                batch = await consumer.getmany(tp, timeout_ms=1000)
+                for r in batch.get(tp, []):
+                    if r.offset < end:
+                        read += 1
+                        if r.key == key:
+                            found = Record(topic, partition, r.offset, r.key, r.value or b"",
+                                           (r.timestamp or 0) / 1000.0)
+            if found is not None:
+                return found, read
+            end = start
+        return None, read
 
 
 async def count_codes(bootstrap: str, topic: str, timeout: float = 30.0) -> dict[str, int]:

@@ -222,7 +222,8 @@ def test_intent_records_and_dedup_keys() -> None:
     recs = [(b"t:0", encode_intents([(0, 1)])), (b"u:0", encode_intents([(5, 6)])), (b"t:0", encode_intents([(2, 3)]))]
     assert latest_intents(recs, b"t:0") == [(2, 3)] and latest_intents(recs, b"x") == []
     kept = remember([(i, i) for i in range(INTENTS_KEPT)], (999, 999))
-    assert len(kept) == INTENTS_KEPT and kept[-1] == (999, 999) and kept[0] == (1, 1)
+    assert len(kept) == INTENTS_KEPT + 1 and kept[-1] == (999, 999)  # nothing known committed: all kept
+    assert remember([(0, 4), (5, 9)], (10, 12), committed=5) == [(5, 9), (10, 12)]
     assert dedup_key({"trace_id": "t", "transfer_status": "SUCCESS"}) == "t|SUCCESS"
     assert dedup_key({"trace_id": 5}) is None
     assert dedup_keys([b'{"trace_id": "a"}', b"nope", b"[]", b""]) == ["a|None"]
@@ -230,3 +231,91 @@ def test_intent_records_and_dedup_keys() -> None:
     for k in "abc":
         w.remember(k)
     assert "a" not in w and "c" in w and len(w) == 2
+
+
+# -- issue #14, item 4: intents --------------------------------------------------------------
+
+
+async def test_every_intent_above_the_committed_offset_survives_many_flushes(doris_emulator: DorisEmulator,
+                                                                              client: StreamLoadClient) -> None:
+    """More flushes than INTENTS_KEPT without a commit: a replay still rebuilds every range."""
+    n = INTENTS_KEPT + 6
+    values = [orjson.dumps(dict(orjson.loads(v), trace_id=f"t-{i}")) for i, v in enumerate(rows(1) * n)]
+    first = Ports(doris_emulator)
+    b1 = batcher(client, first, max_rows=1, dedup=False)
+    for offset, value in enumerate(values):
+        await b1.on_event(rec(offset, value), offset)
+    assert len(doris_emulator.rows(OBJECT)) == n
+    # Crash before any commit; the successor batches differently and replays from 0.
+    second = Ports(doris_emulator)
+    second.intents = dict(first.intents)
+    b2 = batcher(client, second, max_rows=4, dedup=False)
+    for offset, value in enumerate(values):
+        await b2.on_event(rec(offset, value), offset)
+    await b2.flush(0)
+    assert len(doris_emulator.rows(OBJECT)) == n  # no range got a new label
+    assert second.acked == list(range(n))
+
+
+async def test_intents_below_the_committed_offset_are_dropped(doris_emulator: DorisEmulator,
+                                                              client: StreamLoadClient) -> None:
+    ports = Ports(doris_emulator)
+    committed = {0: 0}
+    b = DorisBatcher(DorisTableSink(client, db=DB, table=OBJECT), TOPIC,
+                     DorisPorts(intents=ports, read_source=ports.read_source, ack=ports.ack,
+                                dead_letter=ports.dead_letter, should_stop=lambda: False,
+                                committed=committed.get),
+                     BatchLimits(1, 1 << 30, 3600.0, 100), kind="object", dedup_trace=False)
+    values = rows(5)
+    for offset in range(3):
+        await b.on_event(rec(offset, values[offset]), offset)
+    committed[0] = 2  # Faust committed up to (not including) offset 2
+    for offset in range(3, 5):
+        await b.on_event(rec(offset, values[offset]), offset)
+    assert ports.intents[(b"dicom_object_meta:0", 0)] == [(2, 2), (3, 3), (4, 4)]
+
+
+# -- issue #14, item 5: a retrying load gives up on revoke/shutdown without acking -------------
+
+
+class Stopping(Ports):
+    def __init__(self, emulator: DorisEmulator) -> None:
+        super().__init__(emulator)
+        self.stop = False
+        self.released: list[tuple[int, list[int]]] = []
+
+    def release(self, partition: int, events: Sequence[int]) -> None:
+        self.released.append((partition, list(events)))
+
+    def ports(self) -> DorisPorts[int]:
+        return DorisPorts(intents=self, read_source=self.read_source, ack=self.ack, dead_letter=self.dead_letter,
+                          should_stop=lambda: self.stop, release=self.release)
+
+
+async def test_a_retrying_load_stops_on_revoke_without_acking(doris_emulator: DorisEmulator,
+                                                             client: StreamLoadClient) -> None:
+    import asyncio
+
+    ports = Stopping(doris_emulator)
+    sink = DorisTableSink(client, db=DB, table=OBJECT)
+    b: DorisBatcher[int] = DorisBatcher(sink, TOPIC, ports.ports(), BatchLimits(100, 1 << 30, 0.0, 100),
+                                        kind="object", dedup_trace=True)
+    values = rows(2)
+    await b.on_event(rec(0, values[0]), 0)
+    await b.on_event(rec(1, values[1]), 1)
+    doris_emulator.inject("http500", count=10_000)  # Doris keeps failing
+    task = asyncio.ensure_future(b.tick())
+    await doris_emulator.wait_until(lambda: sink.counters["retries"] >= 1, timeout=10)
+    ports.stop = True  # a rebalance started (or the worker is stopping)
+    await asyncio.wait_for(task, timeout=15)  # returns, does not raise into the agent
+    assert ports.acked == [] and doris_emulator.rows(OBJECT) == []
+    assert ports.released == [(0, [0, 1])]  # handed back unacked; the partition restarts from its commit
+    assert b.parts == {} and not b.lock.locked()
+    # Once Doris is back, the replay loads the same range under the same label.
+    doris_emulator.faults.clear()
+    ports.stop = False
+    await b.on_event(rec(0, values[0]), 0)
+    await b.on_event(rec(1, values[1]), 1)
+    await b.flush(0)
+    assert ports.acked == [0, 1] and len(doris_emulator.rows(OBJECT)) == 2
+    assert ports.log == ["intent 0..1"]
