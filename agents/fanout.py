@@ -20,7 +20,7 @@ import orjson
 
 from core.errors import Code, ContractError, DicomflowError, FileAccessError
 from dicom.extract import Extracted, extract
-from dicom.paths import resolve_in_root
+from dicom.paths import open_in_root
 from schemas import codec
 from schemas.contract import parse_event
 from schemas.deadletter import dead_letter
@@ -138,9 +138,10 @@ def process(raw: bytes, key: bytes | None, *, storage_root: Path, worker: str,
     now = now or datetime.now()
     try:
         event = parse_event(raw)
-        path = resolve_in_root(storage_root, event.file_path)
-        result = extract(path, event.tenant_id, trace_id=event.trace_id, worker_node_id=worker,
-                         file_path=event.file_path, now=now)
+        # Parsed from the descriptor that was checked, never reopened by name.
+        with open_in_root(storage_root, event.file_path, event.tenant_id) as opened:
+            result = extract(opened.reader_path, event.tenant_id, trace_id=event.trace_id, worker_node_id=worker,
+                             file_path=event.file_path, file_size=opened.size, now=now)
         if not isinstance(result, Extracted):
             raise result
     except (ContractError, FileAccessError) as exc:

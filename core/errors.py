@@ -42,6 +42,8 @@ class Code:
     PARSER_CRASHED = "PARSER_CRASHED"
     #: The header's structure is beyond the reader's bounds (sequence nesting, element count).
     MALFORMED_DICOM = "MALFORMED_DICOM"
+    #: The event's file lies in another tenant's tree of the storage root (docs/feeders.md).
+    TENANT_MISMATCH = "TENANT_MISMATCH"
 
 
 class DicomflowError(Exception):

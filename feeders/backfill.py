@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import BrokerError, Code, ConfigError, ContractError, ExtractionError, FileAccessError
+from dicom.paths import check_tenant_tree, tree_owner
 from dicom.reader import InstanceHeader, read_instance_header
 from feeders.events import build_event, event_key, validated
 from feeders.publisher import EventPublisher
@@ -68,9 +69,12 @@ def event_for(path: Path, storage_root: Path, tenant: str, worker: str) -> tuple
     """The validated storage event for one file, its key, and whether its identifiers were readable.
 
     Raises :class:`ContractError` (naming the field) when the event breaks the contract, and
-    :class:`ExtractionError` (MALFORMED_DICOM) when the header's structure is beyond the reader's bounds.
+    :class:`ExtractionError` (MALFORMED_DICOM) when the header's structure is beyond the reader's bounds,
+    and :class:`FileAccessError` (TENANT_MISMATCH) when the file lies in another tenant's tree.
     """
-    rel = path.resolve().relative_to(storage_root.resolve()).as_posix()
+    relative = path.resolve().relative_to(storage_root.resolve())
+    check_tenant_tree(storage_root, relative, tenant)  # another tenant's tree: TENANT_MISMATCH
+    rel = relative.as_posix()
     header = _header(path)
     sop = header.sop_uid if header is not None and header.sop_uid else ""
     trace_id = trace_id_for(tenant, sop, rel)
@@ -88,6 +92,11 @@ async def backfill(root: Path, *, storage_root: Path, tenant: str, worker: str, 
     if root != storage and storage not in root.parents:
         raise ConfigError(f"{root} is not inside the storage root {storage}; set DICOMFLOW_STORAGE_ROOT "
                           "to a folder that contains it", field="DICOMFLOW_STORAGE_ROOT")
+    if root != storage:
+        owner = tree_owner(storage, root.relative_to(storage).parts[0])
+        if owner is not None and owner != tenant:
+            raise ConfigError(f"{root} is in the tree of tenant {owner!r}; it cannot be backfilled as tenant "
+                              f"{tenant!r}", field="--tenant")
     files = list(iter_files(root))
     summary = BackfillSummary(files=len(files))
     bar: Any = None

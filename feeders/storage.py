@@ -1,6 +1,8 @@
 """Where received instances are written, and how, so that no reader ever sees half a file.
 
-Layout: ``{root}/{tenant}/{YYYYMMDD}/{study_uid}/{series_uid}/{sop_uid}.dcm``.
+Layout: ``{root}/{tenant}/{YYYYMMDD}/{study_uid}/{series_uid}/{sop_uid}.dcm``. Each tenant
+directory is marked with :data:`dicom.paths.TENANT_MARKER` (naming the tenant) when the store
+first writes into it, so ingest and backfill refuse that tree to every other tenant.
 
 Every component is reduced to ``[A-Za-z0-9._-]`` (UIDs and valid tenants pass
 unchanged), so a hostile UID such as ``../../etc`` cannot leave the root; the
@@ -31,9 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from dicom.paths import TENANT_MARKER
 from dicom.values import parse_da
 
-__all__ = ["UNKNOWN_STUDY_DATE", "InstanceStore", "Placement", "safe_component"]
+__all__ = ["UNKNOWN_STUDY_DATE", "InstanceStore", "Placement", "mark_tenant_dir", "safe_component"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,35 @@ def _fsync_dir(path: Path, *, strict: bool = False) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def mark_tenant_dir(directory: Path, tenant: str) -> None:
+    """Mark ``directory`` as ``tenant``'s tree, unless it is marked already (never overwritten).
+
+    Written to a temporary name and linked into place, so a reader never sees a partial marker.
+    """
+    marker = directory / TENANT_MARKER
+    if marker.exists():
+        return
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f"{TENANT_MARKER}.", suffix=".part")
+    try:
+        os.write(fd, tenant.encode("utf-8") + b"\n")
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.chmod(tmp_name, 0o644)
+        try:
+            os.link(tmp_name, marker)
+        except FileExistsError:
+            pass  # another SCP marked it meanwhile
+        except OSError:
+            os.replace(tmp_name, marker)  # no hard links here; the content is the same either way
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+    _fsync_dir(directory)
 
 
 @dataclass(slots=True)
@@ -113,6 +145,15 @@ class InstanceStore:
         self.root = Path(root)
         # 0640: stored files hold PHI; the pipeline's readers share the group.
         self.file_mode = file_mode
+        self._marked: set[str] = set()  # tenant directories known to carry their marker
+
+    def _make_dirs(self, final: Path, relpath: PurePosixPath) -> None:
+        """Create the instance's directories, and mark its tenant directory (once per process)."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tenant = relpath.parts[0]
+        if tenant not in self._marked:
+            mark_tenant_dir(self.root / tenant, tenant)
+            self._marked.add(tenant)
 
     def relpath(self, tenant: str, study_date: str | None, study_uid: str, series_uid: str,
                 sop_uid: str) -> PurePosixPath:
@@ -152,7 +193,7 @@ class InstanceStore:
         finally:
             os.close(fd)
         os.chmod(source, self.file_mode)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._make_dirs(final, relpath)
         try:
             os.link(source, final)
         except FileExistsError:
@@ -195,7 +236,7 @@ class InstanceStore:
 
     def _place(self, relpath: PurePosixPath, fill: Callable[[Path], None]) -> Placement:
         final = self._final(relpath)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._make_dirs(final, relpath)
         fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".part")
         os.close(fd)
         tmp = Path(tmp_name)

@@ -6,8 +6,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from feeders.backfill import iter_files
 from feeders.scp import SPOOL_DIR
+from tests.conftest import PYDICOM_TEST_FILES
 
 
 def test_walk_skips_spool_temporaries_and_safety_copies(tmp_path: Path) -> None:
@@ -47,3 +50,48 @@ async def test_a_malformed_file_is_reported_failed_and_the_run_goes_on(tmp_path:
     assert (summary.files, summary.published, summary.failed) == (2, 1, 1)
     assert len(summary.errors) == 1 and "a-deep.dcm" in summary.errors[0]
     assert "MALFORMED_DICOM" in summary.errors[0] and "nested deeper than" in summary.errors[0]
+
+
+def _stored(root: Path, tenant: str, source: Path) -> Path:
+    from pydicom import dcmread
+
+    from feeders.storage import InstanceStore
+
+    ds = dcmread(source, stop_before_pixels=True)
+    store = InstanceStore(root)
+    relpath = store.relpath(tenant, str(ds.StudyDate), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                            str(ds.SOPInstanceUID))
+    store.write_bytes(relpath, source.read_bytes()).commit()
+    return root / relpath
+
+
+async def test_backfill_refuses_another_tenants_tree(tmp_path: Path, ct_small: Path) -> None:
+    from core.errors import ConfigError
+    from feeders.backfill import backfill
+
+    root = tmp_path / "storage"
+    _stored(root, "t2", ct_small)
+    publisher = _Recorder()
+    with pytest.raises(ConfigError) as info:
+        await backfill(root / "t2", storage_root=root, tenant="t1", worker="w", publisher=publisher,  # type: ignore[arg-type]
+                       progress=False)
+    assert "t2" in info.value.message
+    assert publisher.events == []
+
+
+async def test_backfill_of_the_whole_root_publishes_only_the_tenants_and_unowned_files(
+        tmp_path: Path, ct_small: Path) -> None:
+    from feeders.backfill import backfill
+
+    root = tmp_path / "storage"
+    theirs = _stored(root, "t2", ct_small)
+    mine = _stored(root, "t1", PYDICOM_TEST_FILES / "MR_small.dcm")
+    (root / "old").mkdir()
+    shutil.copy(ct_small, root / "old" / "x.dcm")
+    publisher = _Recorder()
+    summary = await backfill(root, storage_root=root, tenant="t1", worker="w", publisher=publisher,  # type: ignore[arg-type]
+                             progress=False)
+    published = sorted(e["file_path"] for e in publisher.events)
+    assert published == sorted([mine.relative_to(root).as_posix(), "old/x.dcm"])
+    assert (summary.files, summary.published, summary.failed) == (3, 2, 1)
+    assert str(theirs) in summary.errors[0] and "TENANT_MISMATCH" in summary.errors[0]

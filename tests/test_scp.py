@@ -34,6 +34,7 @@ from pynetdicom.sop_class import CTImageStorage
 from bench.senders import find_dcmtk_storescu
 from core.errors import BrokerError, Code, ConfigError, ExtractionError
 from core.settings import EMBEDDED_PROFILE, Settings
+from dicom.paths import TENANT_MARKER
 from dicomflow.cli import main as cli_main
 from dicomflow.embedded.broker import EmbeddedBroker
 from dicomflow.tools.scu import send_paths
@@ -147,7 +148,8 @@ async def collect_events(bootstrap: str, study_uids: set[str], expected: int,
 
 
 def files_under(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
+    # Every file but the tenant directories' markers (dicom/paths.py): instances and leftovers.
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != TENANT_MARKER)
 
 
 # ----------------------------------------------------------------------------- fixtures
