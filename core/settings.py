@@ -145,6 +145,17 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float 
     return _number(env, name, default, minimum=minimum, kind=float)
 
 
+def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0, got {raw!r}", field=name)
+
+
 def _mapping(env: Mapping[str, str], name: str) -> dict[str, str]:
     """Parse ``A=x,B=y`` into a dict; used for AE-title to tenant maps."""
     raw = env.get(name, "").strip()
@@ -159,6 +170,21 @@ def _mapping(env: Mapping[str, str], name: str) -> dict[str, str]:
             raise ConfigError(f"{name} entries must look like KEY=tenant, got {item!r}", field=name)
         out[key.strip()] = value.strip()
     return out
+
+
+_HOST_PORT = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?(:[0-9]{1,5})?|\[[0-9a-f:.]+\](:[0-9]{1,5})?")
+
+
+def _host_list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Parse ``host[:port],host2`` (comma-separated, case-insensitive) into lower-case entries."""
+    out: list[str] = []
+    for item in (env.get(name) or "").split(","):
+        entry = item.strip().lower()
+        if entry and not _HOST_PORT.fullmatch(entry):
+            raise ConfigError(f"{name} entries must look like host or host:port, got {item.strip()!r}", field=name)
+        if entry:
+            out.append(entry)
+    return tuple(out)
 
 
 def _profile(env: Mapping[str, str], broker: str | None) -> str:
@@ -208,7 +234,15 @@ class Settings:
     embedded_broker_port: int
     replication: int
     workers: int = 1
+    #: Feeders acknowledge once an event is in the journal under ``home``, and a relay publishes
+    #: it (the embedded stack, whose broker keeps nothing across a restart).
+    journal: bool = False
+    #: How long the relay waits at shutdown for the pipeline to drain before it stops anyway.
+    relay_drain_seconds: float = 45.0
     tansu_log: str = "warn"
+    #: Stream Load redirect targets (host or host:port, lower case) that may receive the Doris
+    #: credentials besides the FE's own host (DICOMFLOW_DORIS_BE_ALLOWLIST).
+    doris_be_allowlist: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -261,6 +295,7 @@ class Settings:
             doris_max_bytes=_int(env, "DICOMFLOW_DORIS_MAX_BYTES", 16 * 1024 * 1024, minimum=1024),
             doris_max_interval=_float(env, "DICOMFLOW_DORIS_MAX_INTERVAL", 20.0, minimum=0.05),
             doris_dedup_window=_int(env, "DICOMFLOW_DORIS_DEDUP_WINDOW", 100_000, minimum=0),
+            doris_be_allowlist=_host_list(env, "DICOMFLOW_DORIS_BE_ALLOWLIST"),
             ingest_processes=_int(env, "DICOMFLOW_INGEST_PROCESSES", os.cpu_count() or 1, minimum=0),
             scp_host=env.get("DICOMFLOW_SCP_HOST") or "0.0.0.0",
             scp_port=_int(env, "DICOMFLOW_SCP_PORT", 11112, minimum=1),
@@ -277,6 +312,8 @@ class Settings:
             embedded_broker_port=_int(env, "DICOMFLOW_EMBEDDED_BROKER_PORT", 19092, minimum=1),
             replication=_int(env, "DICOMFLOW_REPLICATION", 1, minimum=1),
             workers=_int(env, "DICOMFLOW_WORKERS", 1, minimum=1),
+            journal=_flag(env, "DICOMFLOW_JOURNAL", default=False),
+            relay_drain_seconds=_float(env, "DICOMFLOW_RELAY_DRAIN_SECONDS", 45.0, minimum=0.0),
             tansu_log=env.get("TANSU_LOG") or "warn",
         )
 
@@ -300,6 +337,10 @@ class Settings:
     def broker_url(self) -> str:
         """The configured broker, or where the embedded one listens."""
         return self.broker or f"kafka://127.0.0.1:{self.embedded_broker_port}"
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.home / "journal"
 
     @property
     def doris_enabled(self) -> bool:

@@ -159,6 +159,37 @@ def up(workers: int | None) -> None:
     sys.exit(stack.supervise())
 
 
+@main.command(hidden=True)
+def relay() -> None:
+    """Publish the journal to the broker and checkpoint it at drained points (run by `up`)."""
+    import asyncio
+    import signal
+
+    from feeders.publisher import EventPublisher
+    from feeders.relay import BrokerLag, Relay
+    from streams.topology import consumed_topics
+
+    settings = _settings()
+    _logging(settings.log_level)
+
+    async def run() -> None:
+        publisher = EventPublisher(settings.broker_url, settings.profile, partitions=settings.partitions)
+        await publisher.start()
+        lag = BrokerLag(settings.broker_url, settings.app_id, list(consumed_topics(settings.doris_enabled)))
+        relay = Relay(settings.journal_dir, publisher, lag, settle_s=settings.series_window_seconds + 2.0)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await relay.run(stop)
+            await relay.drain(settings.relay_drain_seconds)
+        finally:
+            await publisher.stop()
+
+    _run_or_exit(lambda: asyncio.run(run()))
+
+
 @main.command()
 @click.option("--port", type=int, help="Listen port (DICOMFLOW_SCP_PORT, default 11112).")
 @click.option("--aet", help="AE title (DICOMFLOW_SCP_AET, default DICOMFLOW).")
@@ -262,10 +293,17 @@ def _with_publisher(settings: Any, work: Any) -> Any:
     """Run ``await work(publisher)`` with a started storage-event publisher; exit on errors."""
     import asyncio
 
+    from feeders.journal import JournalPublisher
     from feeders.publisher import EventPublisher
 
     async def run() -> Any:
-        publisher = EventPublisher(settings.broker_url, settings.profile, partitions=settings.partitions)
+        publisher: Any
+        if settings.journal or settings.embedded_broker:
+            # The embedded stack's broker keeps nothing: "published" means "in the journal",
+            # and `up`'s relay takes it on to the broker.
+            publisher = JournalPublisher(settings.journal_dir, "cli")
+        else:
+            publisher = EventPublisher(settings.broker_url, settings.profile, partitions=settings.partitions)
         await publisher.start()
         try:
             return await work(publisher)

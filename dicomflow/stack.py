@@ -136,6 +136,8 @@ class Stack:
                                   "or set DICOMFLOW_EMBEDDED_BROKER_PORT")
             env["DICOMFLOW_BROKER"] = self.broker.url
             env["DICOMFLOW_BROKER_PROFILE"] = "tansu"
+            # The broker keeps nothing: feeders acknowledge once the journal has an event.
+            env["DICOMFLOW_JOURNAL"] = "1"
         broker_url = env.get("DICOMFLOW_BROKER", s.broker_url)
         if s.postgres_dsn is None:
             from dicomflow.embedded.postgres import EmbeddedPostgres
@@ -148,6 +150,8 @@ class Stack:
         for i in range(self.workers):
             wenv = dict(env, DICOMFLOW_WEB_PORT=str(s.web_port + i), DICOMFLOW_WORKER_ID=f"{s.worker_id}-{i}")
             self._spawn(Child(f"worker-{i}", [sys.executable, "-m", "dicomflow.cli", "worker"], wenv))
+        if env.get("DICOMFLOW_JOURNAL") == "1" or s.journal:
+            self._spawn(Child("relay", [sys.executable, "-m", "dicomflow.cli", "relay"], env))
         self._spawn(Child("scp", [sys.executable, "-m", "dicomflow.cli", "scp"], env))
         self.info = {
             "pid": os.getpid(),
@@ -243,8 +247,12 @@ class Stack:
     def stop(self) -> None:
         """Drain, in order: the SCP stops accepting, the workers flush, then PostgreSQL and the broker."""
         scp = [c for c in self.children if c.name == "scp"]
-        workers = [c for c in self.children if c.name != "scp"]
+        relay = [c for c in self.children if c.name == "relay"]
+        workers = [c for c in self.children if c.name not in ("scp", "relay")]
         self._terminate(scp, SCP_GRACE_S, "the SCP to finish its associations")
+        # The relay publishes the rest of the journal and checkpoints once the workers have
+        # processed it all; the workers must still run meanwhile.
+        self._terminate(relay, self.settings.relay_drain_seconds + 5.0, "the pipeline to drain")
         self._terminate(workers, DRAIN_S, "the workers to flush what is in flight")
         self.children.clear()
         if self.postgres is not None:

@@ -57,7 +57,9 @@ class EmbeddedBroker:
              "--storage-engine", "memory://tansu/"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=child_env({"RUST_LOG": self.rust_log}),
-            # The broker dies with whoever started it (``up``, a worker, a test session).
+            # Its own session: a terminal's Ctrl-C reaches `up`, which stops the broker last,
+            # after the pipeline drained. It still dies with whoever started it.
+            start_new_session=True,
             preexec_fn=tied_to(os.getpid()),
         )
         if not isinstance(out, int):

@@ -175,14 +175,20 @@ async def serve(settings: Settings, *, broker_url: str | None = None, profile: B
     ``overrides`` replace :class:`ScpConfig` fields (e.g. ``port=0``).
     """
     from core.settings import PRODUCTION_PROFILE
+    from feeders.journal import JournalPublisher
     from feeders.publisher import EventPublisher
 
-    url = broker_url or settings.broker
-    if url is None:
-        raise ConfigError("the SCP needs a broker: set DICOMFLOW_BROKER (or run `dicomflow up`)",
-                          field="DICOMFLOW_BROKER")
     config = ScpConfig.from_settings(settings, **overrides)
-    publisher = EventPublisher(url, profile or PRODUCTION_PROFILE, partitions=settings.partitions)
+    publisher: Any
+    if settings.journal:
+        # The embedded stack: Success once the event is in the journal (the relay publishes it).
+        publisher = JournalPublisher(settings.journal_dir, "scp")
+    else:
+        url = broker_url or settings.broker
+        if url is None:
+            raise ConfigError("the SCP needs a broker: set DICOMFLOW_BROKER (or run `dicomflow up`)",
+                              field="DICOMFLOW_BROKER")
+        publisher = EventPublisher(url, profile or PRODUCTION_PROFILE, partitions=settings.partitions)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []

@@ -1,0 +1,201 @@
+"""The journal: the durable record of every acknowledged storage event on the embedded stack.
+
+The embedded broker keeps nothing across a restart, so on that stack a feeder does not
+acknowledge an event once the broker has it, but once the journal has it: one JSON line
+appended to a file of its own under ``$DICOMFLOW_HOME/journal/`` and fsynced (with the
+directory, for a new file). The relay (feeders/relay.py) publishes journal lines to the
+broker and, whenever the pipeline is drained, records how far every file is fully
+processed (the checkpoint). A restarted stack publishes again everything after the
+checkpoint, and every stage is idempotent for what it sees twice.
+
+Files are never rewritten: a writer appends to ``{source}-{start}-{pid}.jsonl`` and closes
+it when it stops; the relay deletes a file once it is closed and fully checkpointed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.errors import BrokerError
+from schemas import codec
+
+__all__ = ["JournalWriter", "JournalPublisher", "Checkpoint", "journal_files", "journal_id", "read_lines",
+           "writer_gone", "CLOSED_SUFFIX"]
+
+#: A writer that stopped renames its file to this suffix: nothing will be appended any more.
+CLOSED_SUFFIX = ".closed.jsonl"
+OPEN_SUFFIX = ".jsonl"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class JournalWriter:
+    """Appends events to one journal file, each durable (fsync) before :meth:`append` returns.
+
+    Thread-safe: the SCP appends from pynetdicom's handler threads.
+    """
+
+    def __init__(self, directory: Path, source: str) -> None:
+        self.directory = directory
+        self.source = source
+        self.path: Path | None = None
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"{self.source}-{time.time_ns()}-{os.getpid()}{OPEN_SUFFIX}"
+        self.path = self.directory / name
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        _fsync_dir(self.directory)  # the file itself must survive a power loss, not only its lines
+
+    def append(self, line: bytes) -> None:
+        if b"\n" in line:
+            raise ValueError("a journal line must not contain a newline")
+        with self._lock:
+            if self._fd is None:
+                raise BrokerError("the journal is not open")
+            os.write(self._fd, line + b"\n")
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, None
+            if fd is None or self.path is None:
+                return
+            os.fsync(fd)
+            os.close(fd)
+            closed = self.path.with_name(self.path.name.removesuffix(OPEN_SUFFIX) + CLOSED_SUFFIX)
+            os.replace(self.path, closed)
+            _fsync_dir(self.directory)
+            self.path = closed
+
+
+class JournalPublisher:
+    """A feeder's publisher on the embedded stack: "published" means "in the journal".
+
+    Same interface as :class:`feeders.publisher.EventPublisher`, so the SCP and backfill use
+    either; the relay takes the events on to the broker.
+    """
+
+    def __init__(self, directory: Path, source: str) -> None:
+        self.writer = JournalWriter(directory, source)
+
+    async def start(self) -> None:
+        self.writer.open()
+
+    async def stop(self) -> None:
+        self.writer.close()
+
+    async def publish(self, event: dict[str, Any], key: str | None, *, topic: str | None = None) -> None:
+        import asyncio
+
+        line = codec.dumps({"key": key, "event": event})
+        try:
+            await asyncio.to_thread(self.writer.append, line)
+        except OSError as exc:
+            raise BrokerError(f"cannot write the journal {self.writer.path}: {exc}") from exc
+
+
+def journal_id(path: Path) -> str:
+    """A file's identity in the checkpoint: its name without the open/closed suffix."""
+    return path.name.removesuffix(CLOSED_SUFFIX).removesuffix(OPEN_SUFFIX)
+
+
+def writer_gone(path: Path) -> bool:
+    """True when nothing can append to ``path`` any more: closed, or its writer process died."""
+    if path.name.endswith(CLOSED_SUFFIX):
+        return True
+    try:
+        pid = int(journal_id(path).rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def journal_files(directory: Path) -> list[Path]:
+    """Every journal file, oldest first (by the start time in its name)."""
+    if not directory.is_dir():
+        return []
+    files = [p for p in directory.iterdir() if p.name.endswith(OPEN_SUFFIX) and not p.name.startswith(".")]
+
+    def start(p: Path) -> tuple[int, str]:
+        parts = journal_id(p).split("-")
+        try:
+            return int(parts[-2]), p.name
+        except (IndexError, ValueError):
+            return 0, p.name
+
+    return sorted(files, key=start)
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One complete journal line and the byte position just after it."""
+
+    key: str | None
+    event: dict[str, Any]
+    end: int
+
+
+def read_lines(path: Path, start: int) -> Iterator[Line]:
+    """Complete lines of ``path`` from byte ``start`` (a line still being written is not one yet)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                return
+            pos += len(raw)
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                continue  # cannot happen for lines we wrote whole; never stop the relay on it
+            yield Line(doc.get("key"), doc.get("event") or {}, pos)
+
+
+class Checkpoint:
+    """How far each journal file is fully processed by the pipeline; written atomically."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "checkpoint.json"
+        self.positions: dict[str, int] = {}
+
+    def load(self) -> Checkpoint:
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(self.path.read_text())
+            self.positions = {str(k): int(v) for k, v in data.get("positions", {}).items()}
+        return self
+
+    def get(self, name: str) -> int:
+        return self.positions.get(name, 0)
+
+    def save(self, positions: dict[str, int]) -> None:
+        self.positions = dict(positions)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"positions": self.positions, "time": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)

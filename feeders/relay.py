@@ -1,0 +1,165 @@
+"""The relay: journal -> broker, and the checkpoint that lets a restarted stack lose nothing.
+
+It publishes every complete journal line not yet published by this process (a restarted
+relay starts again from the checkpoint: the broker it talks to may be a fresh one), and
+it moves the checkpoint forward only at a drained point: every journal line published,
+and the app's consumer group with no lag on any topic it reads, continuously for longer
+than a series window (a window that is still open would send its flush request within
+that time, which shows as lag). At that point every event before the checkpoint is in
+PostgreSQL and Doris, so nothing of value is left only in the broker, and files that
+are closed and fully checkpointed are deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from feeders.journal import Checkpoint, journal_files, journal_id, read_lines, writer_gone
+from streams.broker import bootstrap_of, committed_offsets, end_offsets
+
+__all__ = ["Relay", "LagProbe", "BrokerLag"]
+
+log = logging.getLogger(__name__)
+
+#: Events sent before waiting for their acknowledgements.
+CHUNK = 200
+
+
+class EventSink(Protocol):
+    async def publish(self, event: dict[str, Any], key: str | None, *, topic: str | None = None) -> None: ...
+
+
+class LagProbe(Protocol):
+    async def total_lag(self) -> int: ...
+
+
+class BrokerLag:
+    """Lag of the app's consumer group over the topics it reads (end minus committed offset)."""
+
+    def __init__(self, broker_url: str, group: str, topics: list[str]) -> None:
+        self.bootstrap = bootstrap_of(broker_url)
+        self.group = group
+        self.topics = topics
+
+    async def total_lag(self) -> int:
+        ends = await end_offsets(self.bootstrap, self.topics)
+        committed = await committed_offsets(self.bootstrap, self.group, list(ends))
+        return sum(max(0, end - committed.get(tp, 0)) for tp, end in ends.items())
+
+
+class Relay:
+    def __init__(self, directory: Path, publisher: EventSink, lag: LagProbe, *, settle_s: float,
+                 interval_s: float = 0.5) -> None:
+        self.directory = directory
+        self.publisher = publisher
+        self.lag = lag
+        self.settle_s = settle_s
+        self.interval_s = interval_s
+        self.checkpoint = Checkpoint(directory)
+        self.published: dict[str, int] = {}
+        self.counters = {"published": 0, "checkpoints": 0, "files_deleted": 0}
+        self._quiet_since: float | None = None
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.published = dict(self.checkpoint.load().positions)
+        log.info("relay start journal=%s files=%s checkpoint=%s", self.directory,
+                 len(journal_files(self.directory)), self.published)
+
+    async def publish_new(self) -> int:
+        """Publish the complete lines not yet published; returns how many."""
+        sent = 0
+        for path in journal_files(self.directory):
+            fid = journal_id(path)
+            pending: list[Any] = []
+            position = self.published.get(fid, 0)
+            with contextlib.suppress(FileNotFoundError):  # renamed on close: seen again next round
+                for line in read_lines(path, position):
+                    pending.append(self.publisher.publish(line.event, line.key))
+                    position = line.end
+                    if len(pending) >= CHUNK:
+                        await asyncio.gather(*pending)
+                        sent += len(pending)
+                        pending = []
+                        self.published[fid] = position
+            if pending:
+                await asyncio.gather(*pending)
+                sent += len(pending)
+            self.published[fid] = position
+        self.counters["published"] += sent
+        return sent
+
+    def _all_published(self) -> bool:
+        for path in journal_files(self.directory):
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                return False
+            if self.published.get(journal_id(path), 0) < size:
+                return False
+        return True
+
+    async def step(self, now: float) -> bool:
+        """One round: publish, look at the lag, checkpoint at a drained point. True when drained."""
+        sent = await self.publish_new()
+        lag = await self.lag.total_lag()
+        if sent or lag or not self._all_published():
+            self._quiet_since = None
+            return False
+        if self._quiet_since is None:
+            self._quiet_since = now
+        if now - self._quiet_since < self.settle_s:
+            return False
+        if self.published != self.checkpoint.positions:
+            self.checkpoint.save(self.published)
+            self.counters["checkpoints"] += 1
+            log.info("relay checkpoint %s", self.published)
+        self._prune()
+        return True
+
+    def _prune(self) -> None:
+        """Delete files nothing can append to any more and the checkpoint has passed entirely."""
+        changed = False
+        for path in journal_files(self.directory):
+            fid = journal_id(path)
+            try:
+                done = self.checkpoint.get(fid) >= path.stat().st_size
+            except FileNotFoundError:
+                continue
+            if done and writer_gone(path):
+                path.unlink(missing_ok=True)
+                self.published.pop(fid, None)
+                changed = True
+                self.counters["files_deleted"] += 1
+        if changed:
+            self.checkpoint.save(self.published)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.start()
+        while not stop.is_set():
+            try:
+                await self.step(time.monotonic())
+            except Exception as exc:  # the broker restarting, say: the journal keeps everything
+                log.warning("relay round failed: %s", exc)
+                self._quiet_since = None
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+
+    async def drain(self, timeout: float) -> bool:
+        """At shutdown: publish the rest and wait (bounded) for a drained point to checkpoint it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if await self.step(time.monotonic()):
+                    return True
+            except Exception as exc:
+                log.warning("relay drain round failed: %s", exc)
+            await asyncio.sleep(self.interval_s)
+        log.warning("relay: not drained within %.0f s; the next start publishes again from the checkpoint",
+                    timeout)
+        return False
