@@ -18,8 +18,10 @@ from pydicom.dataset import Dataset
 from core.settings import EMBEDDED_PROFILE
 from dicomflow.embedded.broker import EmbeddedBroker
 from feeders.publisher import EventPublisher
+from feeders.storage import InstanceStore
 from streams.topology import DLQ, LOG
 from tests.harness import WorkerProcess, clone_series, read_topic, worker_env
+from tests.support.bad_files import deeply_nested
 
 pytestmark = pytest.mark.integration
 
@@ -89,6 +91,32 @@ def _build_corpus(root: Path, ct_small: Path, outside: Path) -> list[Case]:
     cases.append(("size_type", ev("ok/x.dcm", file_size="12"), "INVALID_EVENT"))
     cases.append(("unknown_field", ev("ok/x.dcm", colour="red"), "INVALID_EVENT"))
     cases.append(("bad_created_time", ev("ok/x.dcm", created_time="2024-02-30 10:00:00"), "INVALID_EVENT"))
+
+    # Hostile structure: 600 nested undefined-length sequences in 22 KB (once a RecursionError).
+    deeply_nested(ct_small, bad / "deep.dcm", depth=600)
+    cases.append(("deep_nesting", ev("bad/deep.dcm"), "MALFORMED_DICOM"))
+    # Another tenant's instance, stored by the SCP's store (which marks its tenant directory).
+    other = pydicom.dcmread(ct_small)
+    other.SOPInstanceUID = pydicom.uid.generate_uid()
+    store = InstanceStore(root)
+    rel = store.relpath("t-other", "20040119", str(other.StudyInstanceUID), str(other.SeriesInstanceUID),
+                        str(other.SOPInstanceUID))
+    other_file = root / "staging.dcm"
+    other.save_as(other_file)
+    store.adopt_file(rel, other_file).commit()
+    cases.append(("cross_tenant", ev(rel.as_posix()), "TENANT_MISMATCH"))
+    # Work in progress and hidden files are never instances.
+    for name, path in (("spool", ".spool/x.dcm"), ("part_temporary", "bad/.x.dcm.abc.part"),
+                       ("prev_copy", "bad/.x.dcm.0123.prev")):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ct_small, root / path)
+        cases.append((f"dot_{name}", ev(path), "PATH_ESCAPE"))
+    # A symlink is never followed, even to a file inside the root. (A symlink swapped in between
+    # check and parse cannot be timed against a worker process; tests/test_fanout_files.py swaps
+    # it deterministically.)
+    shutil.copy(ct_small, bad / "real.dcm")
+    os.symlink(bad / "real.dcm", bad / "inside-link.dcm")
+    cases.append(("symlink_inside_root", ev("bad/inside-link.dcm"), "PATH_ESCAPE"))
     return cases
 
 
