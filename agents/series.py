@@ -19,6 +19,7 @@ from faust.types import TP, StreamT
 from agents.gaps import GapGuard
 from schemas import codec
 from schemas.records import DicomStateMeta
+from sinks.series_facts import SeriesFacts
 from streams.topology import SERIES_INSTANCES
 from tables.series import SeriesTables, marker_key, window_start
 
@@ -35,9 +36,12 @@ class SeriesStage:
     """The window logic and the timer's non-durable bookkeeping (rebuilt from the table when
     the assignment changes)."""
 
-    def __init__(self, app: DicomflowApp, window_s: float) -> None:
+    def __init__(self, app: DicomflowApp, window_s: float, facts: SeriesFacts | None = None) -> None:
         self.app = app
         self.window_s = window_s
+        #: Per-instance facts in PostgreSQL: exact counts, and window state dropped once flushed.
+        #: Without them (no PostgreSQL configured) the counts come from markers in the broker.
+        self.facts = facts
         #: How often the timer looks for closed windows; bounds the flush delay after a close.
         self.scan_interval_s = min(0.25, window_s / 2)
         self.tables = SeriesTables(app, app.settings.partitions)
@@ -50,6 +54,10 @@ class SeriesStage:
     async def _emit(self, key: bytes, agg: dict[str, Any]) -> None:
         row = dict(agg["state"])
         row["series_related_instances"] = agg["n"]
+        if self.facts is not None:
+            row["series_related_instances"] = await self.facts.record_with_retry(
+                row["tenant_id"], row["study_uid"], row["series_uid"], agg.get("sops", []),
+                should_stop=lambda: bool(self.app.should_stop))
         row["created_time"] = agg["created"]
         row["updated_time"] = codec.format_datetime(datetime.now())
         record = codec.from_row(DicomStateMeta, row)
@@ -60,7 +68,12 @@ class SeriesStage:
 
     def _mark_clean(self, key: bytes, agg: dict[str, Any]) -> None:
         agg["dirty"] = False
-        self.tables.set_window(key, agg)
+        if self.facts is not None:
+            # The facts hold the count now: nothing of this window needs to be kept. A replay
+            # of its events later only records instances PostgreSQL already has.
+            self.tables.delete_window(key)
+        else:
+            self.tables.set_window(key, agg)
         self._dirty.pop(key, None)
         self._requested.pop(key, None)
 
@@ -68,6 +81,9 @@ class SeriesStage:
                            msg: dict[str, Any]) -> None:
         t = self.tables
         agg: dict[str, Any] | None = t.get_window(key)
+        if self.facts is not None:
+            await self._on_instance_with_facts(offset, partition, timestamp, key, msg, agg)
+            return
         mkey = marker_key(key, msg["sop_uid"])
         marker = t.get_marker(mkey)
         if agg is not None and offset <= agg["off"]:
@@ -99,6 +115,34 @@ class SeriesStage:
         t.set_window(key, agg)
         self._dirty[key] = (agg["w"], offset, partition)
         self.counters["instances" if new_instance else "redeliveries"] += 1
+
+    async def _on_instance_with_facts(self, offset: int, partition: int, timestamp: float | None, key: bytes,
+                                      msg: dict[str, Any], agg: dict[str, Any] | None) -> None:
+        """The window only collects this window's instances; PostgreSQL de-duplicates and counts."""
+        if agg is not None and offset <= agg["off"]:
+            self.counters["replays_skipped"] += 1
+            return
+        w = window_start(timestamp or time.time(), self.window_s)
+        if agg is None:
+            agg = {"w": w, "n": 0, "off": offset, "p": partition, "dirty": False, "state": msg["state"],
+                   "created": msg["state"].get("created_time"), "sops": []}
+        elif agg["dirty"] and w > agg["w"]:
+            # A newer window started while the previous one was still pending: close it here.
+            await self._emit(key, agg)
+            agg["dirty"] = False
+            agg["sops"] = []
+        if not agg["dirty"]:
+            agg["w"] = w
+        sops: list[str] = agg.setdefault("sops", [])
+        if msg["sop_uid"] not in sops:
+            sops.append(msg["sop_uid"])
+        agg["off"] = offset
+        agg["p"] = partition
+        agg["state"] = msg["state"]
+        agg["dirty"] = True
+        self.tables.set_window(key, agg)
+        self._dirty[key] = (agg["w"], offset, partition)
+        self.counters["instances"] += 1
 
     async def _on_flush(self, key: bytes, msg: dict[str, Any]) -> None:
         agg: dict[str, Any] | None = self.tables.get_window(key)
@@ -155,7 +199,11 @@ class SeriesStage:
 
 
 def register(app: DicomflowApp, settings: Settings) -> None:
-    stage = SeriesStage(app, settings.series_window_seconds)
+    facts = SeriesFacts(settings.postgres_dsn) if settings.postgres_dsn is not None else None
+    stage = SeriesStage(app, settings.series_window_seconds, facts)
+    if facts is not None:
+        app.close_on_shutdown(facts.stop)
+        app.metrics.register_counters("series_facts", facts.counters)
     stage.guard.watch_revocations(app)
     app.metrics.register_counters("series_window", stage.counters)
     app.metrics.register_counters("series_gaps", stage.guard.stats)

@@ -89,6 +89,8 @@ BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 60.0
 #: How long the SCP and the workers get to finish what is in flight when the stack stops.
 SCP_GRACE_S = 15.0
+#: How often `up` checks that the embedded broker and PostgreSQL still run.
+SERVER_CHECK_S = 3.0
 DRAIN_S = 60.0
 
 
@@ -112,6 +114,7 @@ class Stack:
     children: list[Child] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     _stopping: bool = False
+    _next_server_check: float = 0.0
 
     def check_not_running(self) -> None:
         """Refuse to start over a live stack on the same home; say what to do."""
@@ -221,8 +224,34 @@ class Stack:
         self.stop()
         return 0
 
+    def _tend_servers(self, now: float) -> None:
+        """A dead embedded broker or PostgreSQL is started again (checked every few seconds).
+
+        A new broker is empty: the relay and the workers restart with it, the relay publishes
+        again from the journal's checkpoint, and every stage is idempotent for what it sees
+        twice. PostgreSQL comes back with its data on the same port.
+        """
+        if now < self._next_server_check:
+            return
+        self._next_server_check = now + SERVER_CHECK_S
+        if self.broker is not None and not self.broker.running():
+            self.echo("dicomflow: the embedded broker died; starting a new one and restarting the relay and "
+                      "the workers on it (the journal is published again from its checkpoint)")
+            self.broker.start()
+            for child in self.children:
+                if child.name != "scp" and child.running:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        if self.postgres is not None and not self.postgres.running():
+            self.echo("dicomflow: the embedded PostgreSQL stopped; starting it again")
+            try:
+                self.postgres.start()
+            except DicomflowError as exc:
+                self.echo(f"dicomflow: PostgreSQL did not start again: {exc.message}")
+
     def tend(self, now: float) -> None:
         """Notice dead children and restart them when their backoff has passed."""
+        self._tend_servers(now)
         changed = False
         for child in self.children:
             if child.proc is not None and child.restart_at is None and child.proc.poll() is not None:

@@ -46,6 +46,11 @@ class SeriesTables:
         """Only from inside stream iteration: the write goes to the current event's partition."""
         self._window[key] = orjson.dumps(agg)
 
+    def delete_window(self, key: bytes) -> None:
+        """Only from inside stream iteration, like :meth:`set_window`."""
+        if key in self._window:
+            del self._window[key]
+
     def iter_windows(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
         """Every aggregate in this worker's local store (active and standby partitions)."""
         for key, raw in list(self._window.items()):

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -18,6 +17,7 @@ import pytest
 from dicomflow.embedded.ports import free_port, wait_for_port
 from dicomflow.tools.scu import send_paths
 from tests.harness import REPO, clone_series
+from tests.support.up import UpProcess
 
 pytestmark = pytest.mark.integration
 
@@ -80,72 +80,6 @@ async def test_up_receives_indexes_and_stops_cleanly(tmp_path: Path, ct_small: P
     assert not wait_for_port("127.0.0.1", broker_port, 0.5), "broker still listening after stop"
 
 
-class _Up:
-    """`dicomflow up` as a real process on a home of its own."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.home = tmp_path / "home"
-        self.log = tmp_path / "up.log"
-        self.scp_port, self.broker_port, self.web_port = free_port(), free_port(), free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMFLOW_")}
-        self.env.update({"DICOMFLOW_HOME": str(self.home), "DICOMFLOW_SCP_PORT": str(self.scp_port),
-                         "DICOMFLOW_EMBEDDED_BROKER_PORT": str(self.broker_port),
-                         "DICOMFLOW_WEB_PORT": str(self.web_port), "DICOMFLOW_DEFAULT_TENANT": "t-up",
-                         "DICOMFLOW_SERIES_WINDOW_SECONDS": "1", "DICOMFLOW_APP_ID": f"dicomflow-up-{self.scp_port}",
-                         "PYTHONPATH": str(REPO)})
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    async def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "dicomflow.cli", "up"], env=self.env, cwd=REPO,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        await self.wait_for(lambda: "dicomflow is up" in self.text(), 120)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stack(self) -> dict:
-        try:
-            return orjson.loads((self.home / "stack.json").read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            return {}
-
-    async def wait_for(self, cond: Callable[[], bool], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert self.proc is not None and self.proc.poll() is None, self.text()[-3000:]
-            assert time.monotonic() < deadline, self.text()[-3000:]
-            await asyncio.sleep(0.2)
-
-    async def counts(self) -> list[int]:
-        conn = await asyncpg.connect((self.home / "postgres.dsn").read_text())
-        try:
-            rows = await conn.fetch("SELECT series_related_instances FROM dicom_state_meta")
-        except asyncpg.UndefinedTableError:
-            rows = []
-        finally:
-            await conn.close()
-        return sorted(r["series_related_instances"] for r in rows)
-
-    async def wait_counts(self, want: list[int], timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        got: list[int] = []
-        while time.monotonic() < deadline:
-            got = await self.counts()
-            if got == want:
-                return
-            await asyncio.sleep(0.5)
-        raise AssertionError(f"counts {got}, want {want}\n{self.text()[-2000:]}")
-
-    def terminate(self, timeout: float = 90) -> tuple[int, float]:
-        assert self.proc is not None
-        started = time.monotonic()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        code = self.proc.wait(timeout=timeout)
-        return code, time.monotonic() - started
-
-
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -159,7 +93,7 @@ def _gone(pid: int) -> bool:
 
 
 async def test_up_restarts_a_killed_worker_and_keeps_serving(tmp_path: Path, ct_small: Path) -> None:
-    up = _Up(tmp_path)
+    up = UpProcess(tmp_path)
     try:
         await up.start()
         first = clone_series(ct_small, tmp_path / "a", series=1, instances=2)
@@ -185,7 +119,7 @@ async def test_up_restarts_a_killed_worker_and_keeps_serving(tmp_path: Path, ct_
 
 
 async def test_children_die_with_a_killed_up_and_the_next_up_starts(tmp_path: Path) -> None:
-    up = _Up(tmp_path)
+    up = UpProcess(tmp_path)
     await up.start()
     pids = [c["pid"] for c in up.stack()["children"].values()]
     assert up.proc is not None
@@ -200,7 +134,7 @@ async def test_children_die_with_a_killed_up_and_the_next_up_starts(tmp_path: Pa
         await asyncio.sleep(0.2)
     assert not wait_for_port("127.0.0.1", up.web_port, 0.2), "the orphaned worker kept its web port"
     # the next `up` on the same home starts (the stale stack.json names a dead pid)
-    again = _Up(tmp_path)
+    again = UpProcess(tmp_path)
     again.home, again.env = up.home, up.env
     again.log = tmp_path / "up2.log"
     try:
@@ -211,7 +145,7 @@ async def test_children_die_with_a_killed_up_and_the_next_up_starts(tmp_path: Pa
 
 
 async def test_a_second_up_on_a_live_home_is_refused(tmp_path: Path) -> None:
-    up = _Up(tmp_path)
+    up = UpProcess(tmp_path)
     try:
         await up.start()
         second = subprocess.run([sys.executable, "-m", "dicomflow.cli", "up"], env=up.env, cwd=REPO,

@@ -14,6 +14,12 @@
 --      hide a series from JSON generation forever.
 --   5. An index on dicom_state_meta(updated_time) serves get_json_metaes
 --      (`updated_time < $1 ... order by updated_time`).
+--
+-- Added by dicomflow (not in the seeds):
+--   6. dicom_series_instance: one row per SOP instance ever stored for a series. The series
+--      stage inserts a window's instances and reads the count back in one transaction, so
+--      `series_related_instances` is exact forever: across restarts, a broker that lost
+--      everything, pruned window state, and instances sent again.
 
 CREATE TABLE IF NOT EXISTS dicom_state_meta
 (
@@ -51,6 +57,15 @@ CREATE TABLE IF NOT EXISTS dicom_state_meta
 );
 
 CREATE INDEX IF NOT EXISTS dicom_state_meta_updated_time ON dicom_state_meta (updated_time);
+
+CREATE TABLE IF NOT EXISTS dicom_series_instance
+(
+    tenant_id                varchar(64) not null,
+    study_uid                varchar(64) not null,
+    series_uid               varchar(64) not null,
+    sop_uid                  varchar(64) not null,
+    primary key (tenant_id, study_uid, series_uid, sop_uid)
+);
 
 CREATE TABLE IF NOT EXISTS dicom_json_meta
 (

@@ -1,0 +1,99 @@
+"""Per-instance facts of the series index: which SOP instances a series holds, in PostgreSQL.
+
+``series_related_instances`` is the number of distinct SOP instances ever stored for the
+series. Kept in the broker (a marker per instance in a changelog), that number was lost
+with a reset broker and grew the state forever. Here it is a durable fact: the series
+stage records a window's instances and reads the exact count back in one transaction,
+so a replay, a re-sent instance or a series that grows after a restart counts right,
+and the window state can be dropped as soon as its window is flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+import asyncpg
+
+from core.errors import SinkError, SinkRetryableError
+from core.settings import Secret, mask_dsn
+from sinks.base import Backoff
+from sinks.postgres import apply_schema
+
+__all__ = ["SeriesFacts"]
+
+log = logging.getLogger(__name__)
+
+_RECORD = (
+    "INSERT INTO dicom_series_instance (tenant_id, study_uid, series_uid, sop_uid) "
+    "SELECT $1, $2, $3, unnest($4::text[]) ON CONFLICT DO NOTHING"
+)
+_COUNT = "SELECT count(*) FROM dicom_series_instance WHERE tenant_id = $1 AND study_uid = $2 AND series_uid = $3"
+
+
+class SeriesFacts:
+    """Records instances of a series and returns its exact count. I/O only from :meth:`start`."""
+
+    def __init__(self, dsn: str | Secret, *, connect_timeout: float = 10.0) -> None:
+        self._dsn = dsn if isinstance(dsn, Secret) else Secret(dsn)
+        self.connect_timeout = connect_timeout
+        self._pool: asyncpg.Pool | None = None
+        self.counters: dict[str, float] = {"recorded_batches": 0, "retries": 0}
+
+    def __repr__(self) -> str:
+        return f"SeriesFacts(dsn={mask_dsn(self._dsn.get())!r})"
+
+    async def start(self) -> None:
+        if self._pool is None:
+            pool = await asyncpg.create_pool(self._dsn.get(), min_size=1, max_size=2, timeout=self.connect_timeout)
+            try:
+                async with pool.acquire(timeout=self.connect_timeout) as conn:
+                    await apply_schema(conn)
+            except BaseException:
+                pool.terminate()
+                raise
+            self._pool = pool
+
+    async def stop(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 10.0)
+            except Exception:
+                pool.terminate()
+
+    async def record(self, tenant: str, study: str, series: str, sop_uids: Sequence[str]) -> int:
+        """Add ``sop_uids`` to the series' facts (idempotent) and return its exact instance count."""
+        try:
+            await self.start()
+            assert self._pool is not None
+            async with self._pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
+                if sop_uids:
+                    await conn.execute(_RECORD, tenant, study, series, list(sop_uids))
+                count = await conn.fetchval(_COUNT, tenant, study, series)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError,
+                asyncpg.exceptions.CannotConnectNowError) as exc:
+            raise SinkRetryableError(f"series facts: {type(exc).__name__}: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            raise SinkError(f"series facts: {type(exc).__name__}: {exc}") from exc
+        self.counters["recorded_batches"] += 1
+        return int(count)
+
+    async def record_with_retry(self, tenant: str, study: str, series: str, sop_uids: Sequence[str],
+                                should_stop: Callable[[], bool]) -> int:
+        """:meth:`record`, retried with capped backoff until it succeeds or the worker stops.
+
+        The caller's event is not acknowledged meanwhile, so a stop replays it later.
+        """
+        backoff = Backoff()
+        while True:
+            try:
+                return await self.record(tenant, study, series, sop_uids)
+            except SinkError as exc:
+                if should_stop():
+                    raise
+                self.counters["retries"] += 1
+                delay = backoff.next_delay()
+                log.warning("series facts unavailable (%s); retrying in %.1f s", exc.message, delay)
+                await asyncio.sleep(delay)
