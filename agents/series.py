@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -55,11 +55,12 @@ class SeriesStage:
         row = dict(agg["state"])
         row["series_related_instances"] = agg["n"]
         if self.facts is not None:
-            row["series_related_instances"] = await self.facts.record_with_retry(
+            row["series_related_instances"], row["version"] = await self.facts.record_with_retry(
                 row["tenant_id"], row["study_uid"], row["series_uid"], agg.get("sops", []),
                 should_stop=lambda: bool(self.app.should_stop))
         row["created_time"] = agg["created"]
-        row["updated_time"] = codec.format_datetime(datetime.now())
+        # UTC, informational: states are ordered by their version, not by a wall clock.
+        row["updated_time"] = codec.format_datetime(datetime.now(UTC).replace(tzinfo=None))
         record = codec.from_row(DicomStateMeta, row)
         await self.app.queues.state.send(key=key, value=codec.dumps(record))
         self.counters["flushes"] += 1

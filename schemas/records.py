@@ -103,7 +103,11 @@ class DicomStateMeta(_SeriesRow):
     protocol_name: str | None = field(default=None, metadata=_len(64))
     series_related_instances: int | None = None
     created_time: datetime | None = None
+    #: When the series stage flushed this state, in UTC (informational; see ``version``).
     updated_time: datetime | None = None
+    #: Per-series version, one more at every flush, kept with the instance facts in
+    #: PostgreSQL: what orders states (newest wins), never a wall clock. 0 without PostgreSQL.
+    version: int = 0
 
 
 @dataclass(slots=True)

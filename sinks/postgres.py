@@ -4,8 +4,9 @@ Port of the seeds' ``save_state_list`` with three fixes:
 
 * Newest wins. The seeds' ``ON CONFLICT DO UPDATE`` overwrote unconditionally, so a
   replayed or reordered older event rolled a series back. Here the update only applies
-  when ``dicom_state_meta.updated_time <= EXCLUDED.updated_time``, and ``created_time``
-  is never updated (it keeps the first insert's value).
+  when ``(version, updated_time)`` is not older than the stored one (``version`` is the
+  per-series version kept with the instance facts), and ``created_time`` is never
+  updated (it keeps the first insert's value).
 * A fixed handful of statements per batch instead of one per row: the batch is COPYed
   into a session temp table shaped ``LIKE dicom_state_meta`` and upserted with a single
   ``INSERT … SELECT`` in one transaction.
@@ -76,7 +77,8 @@ _UPSERT = (
     f"SELECT {_COLS} FROM batch ORDER BY {', '.join(KEY_COLUMNS)} "
     f"ON CONFLICT ({', '.join(KEY_COLUMNS)}) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in UPDATE_COLUMNS)
-    + " WHERE d.updated_time <= EXCLUDED.updated_time"
+    # Newest wins by the per-series version (then the flush time, for states without one).
+    + " WHERE (d.version, d.updated_time) <= (EXCLUDED.version, EXCLUDED.updated_time)"
 )
 # The seeds' UNION ALL of "no JSON row" and "JSON row with another flag_time" as one
 # LEFT JOIN: the same rows, one scan.
@@ -324,7 +326,7 @@ class PostgresSink(BatchingSink[DicomStateMeta]):
         older: dict[tuple[str, str, str], list[_Row]] = {}
         for key, rows in by_key.items():
             # Equal updated_time: the later offset wins, as it would in separate batches.
-            rows.sort(key=lambda r: (r.updated_time, r.position), reverse=True)
+            rows.sort(key=lambda r: (r.item.value.version, r.updated_time, r.position), reverse=True)
             heads.append(rows[0])
             if len(rows) > 1:
                 older[key] = rows[1:]

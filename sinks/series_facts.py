@@ -30,6 +30,10 @@ _RECORD = (
     "SELECT $1, $2, $3, unnest($4::text[]) ON CONFLICT DO NOTHING"
 )
 _COUNT = "SELECT count(*) FROM dicom_series_instance WHERE tenant_id = $1 AND study_uid = $2 AND series_uid = $3"
+_NEXT_VERSION = (
+    "INSERT INTO dicom_series_version AS v (tenant_id, study_uid, series_uid, version) VALUES ($1, $2, $3, 1) "
+    "ON CONFLICT (tenant_id, study_uid, series_uid) DO UPDATE SET version = v.version + 1 RETURNING version"
+)
 
 
 class SeriesFacts:
@@ -63,8 +67,9 @@ class SeriesFacts:
             except Exception:
                 pool.terminate()
 
-    async def record(self, tenant: str, study: str, series: str, sop_uids: Sequence[str]) -> int:
-        """Add ``sop_uids`` to the series' facts (idempotent) and return its exact instance count."""
+    async def record(self, tenant: str, study: str, series: str, sop_uids: Sequence[str]) -> tuple[int, int]:
+        """Add ``sop_uids`` to the series' facts (idempotent); return its exact instance count and
+        its next version (one more at every call: what orders the series' states)."""
         try:
             await self.start()
             assert self._pool is not None
@@ -72,16 +77,17 @@ class SeriesFacts:
                 if sop_uids:
                     await conn.execute(_RECORD, tenant, study, series, list(sop_uids))
                 count = await conn.fetchval(_COUNT, tenant, study, series)
+                version = await conn.fetchval(_NEXT_VERSION, tenant, study, series)
         except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError,
                 asyncpg.exceptions.CannotConnectNowError) as exc:
             raise SinkRetryableError(f"series facts: {type(exc).__name__}: {exc}") from exc
         except asyncpg.PostgresError as exc:
             raise SinkError(f"series facts: {type(exc).__name__}: {exc}") from exc
         self.counters["recorded_batches"] += 1
-        return int(count)
+        return int(count), int(version)
 
     async def record_with_retry(self, tenant: str, study: str, series: str, sop_uids: Sequence[str],
-                                should_stop: Callable[[], bool]) -> int:
+                                should_stop: Callable[[], bool]) -> tuple[int, int]:
         """:meth:`record`, retried with capped backoff until it succeeds or the worker stops.
 
         The caller's event is not acknowledged meanwhile, so a stop replays it later.

@@ -48,6 +48,8 @@ def state_row(updated: str, **over: Any) -> dict[str, Any]:
         "tenant_id": "t1", "study_uid": "1.2", "series_uid": "1.2.3", "patient_id": "p",
         "study_uid_hash": "h1", "series_uid_hash": "h2", "study_date_origin": "20240506",
         "study_date": "2024-05-06", "accession_number": "A1", "updated_time": updated,
+        # the sequence column: the per-series version (later hours, later versions here)
+        "version": int(updated[11:13]),
     }
     row.update(over)
     return row

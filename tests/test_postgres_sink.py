@@ -115,6 +115,26 @@ async def test_upsert_n_series_gives_n_rows_with_all_fields(
 
 
 @pytest.mark.parametrize("order", ["older_first", "newer_first"])
+async def test_the_version_orders_states_even_when_the_clock_went_back(
+        sink: PostgresSink, pg_dsn: str, base_state: DicomStateMeta, order: str) -> None:
+    # After a DST fall-back hour, or a worker with a slower clock after a rebalance, the newer
+    # state carries an earlier wall-clock time: its per-series version still makes it win.
+    older = series(base_state, 1, updated=T0, patient_name="OLD", version=1, series_related_instances=10)
+    newer = series(base_state, 1, updated=T0 - timedelta(hours=1), patient_name="NEW", version=2,
+                   series_related_instances=11)
+    first, second = (older, newer) if order == "older_first" else (newer, older)
+    assert await sink.write(batch_of([first], 0)) == []
+    assert await sink.write(batch_of([second], 1)) == []
+    row = (await fetch_rows(pg_dsn))[newer.series_uid]
+    assert (row["patient_name"], row["series_related_instances"], row["version"]) == ("NEW", 11, 2)
+    # and within one batch
+    again = series(base_state, 2, updated=T0, patient_name="OLD", version=1)
+    latest = series(base_state, 2, updated=T0 - timedelta(hours=1), patient_name="NEW", version=2)
+    assert await sink.write(batch_of([latest, again] if order == "newer_first" else [again, latest], 2)) == []
+    assert (await fetch_rows(pg_dsn))[latest.series_uid]["patient_name"] == "NEW"
+
+
+@pytest.mark.parametrize("order", ["older_first", "newer_first"])
 async def test_older_update_never_overwrites_newer_across_batches(
         sink: PostgresSink, pg_dsn: str, base_state: DicomStateMeta, order: str) -> None:
     older = series(base_state, 1, updated=T0, patient_name="OLD")

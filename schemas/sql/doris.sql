@@ -10,9 +10,11 @@
 --      are now the identity the PostgreSQL index uses: (tenant_id, study_uid, series_uid)
 --      and (tenant_id, study_uid, series_uid, sop_uid). Doris requires key columns first,
 --      so those columns moved to the front; names and types are unchanged.
---   3. dicom_state_meta uses updated_time as its sequence column: a replayed or
+--   3. dicom_state_meta has a sequence column, `version` (a per-series version kept with
+--      the instance facts in PostgreSQL, one more at every flush): a replayed or
 --      out-of-order older state can never overwrite a newer one (the PostgreSQL upsert
---      has the same rule). updated_time becomes NOT NULL for that.
+--      has the same rule). Not updated_time: a wall clock that DST and clock skew between
+--      workers can turn back. updated_time stays NOT NULL, in UTC, informational.
 --   4. dicom_image_meta.study_date_origin was DATE while it carries the original
 --      `YYYYMMDD` string everywhere else: now VARCHAR(8), like dicom_state_meta.
 --   5. dicom_object_meta.source_ip was VARCHAR(24), too short for an IPv6 address:
@@ -93,7 +95,8 @@ CREATE TABLE IF NOT EXISTS dicom_state_meta
     protocol_name            VARCHAR(64)  NULL,
     series_related_instances INT          NULL,
     created_time             DATETIME(6)  NULL,
-    updated_time             DATETIME(6)  NOT NULL
+    updated_time             DATETIME(6)  NOT NULL,
+    version                  BIGINT       NOT NULL DEFAULT "0"
 )
 ENGINE=OLAP
 UNIQUE KEY(tenant_id, study_uid, series_uid)
@@ -101,7 +104,7 @@ DISTRIBUTED BY HASH(tenant_id) BUCKETS AUTO
 PROPERTIES (
     "replication_num" = "1",
     "enable_unique_key_merge_on_write" = "true",
-    "function_column.sequence_col" = "updated_time",
+    "function_column.sequence_col" = "version",
     "bloom_filter_columns" = "patient_id,accession_number"
 );
 

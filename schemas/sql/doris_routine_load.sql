@@ -26,7 +26,7 @@ COLUMNS (tenant_id, patient_id, study_uid, series_uid, study_uid_hash, series_ui
          patient_age, patient_size, patient_weight, pregnancy_status, study_date, study_time,
          accession_number, study_id, study_description, modality, series_number, series_date,
          series_time, series_description, body_part_examined, protocol_name,
-         series_related_instances, created_time, updated_time)
+         series_related_instances, created_time, updated_time, version)
 PROPERTIES ("desired_concurrent_number" = "3", "max_batch_interval" = "10",
             "max_batch_rows" = "300000", "max_batch_size" = "209715200",
             "format" = "json", "max_error_number" = "1000", "strip_outer_array" = "false")

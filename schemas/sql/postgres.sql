@@ -20,6 +20,9 @@
 --      stage inserts a window's instances and reads the count back in one transaction, so
 --      `series_related_instances` is exact forever: across restarts, a broker that lost
 --      everything, pruned window state, and instances sent again.
+--   7. dicom_state_meta.version: a per-series version (dicom_series_version), one more at
+--      every flush; it orders states (newest wins), not updated_time, a wall clock that DST
+--      and clock skew between workers can turn back. updated_time is UTC, informational.
 
 CREATE TABLE IF NOT EXISTS dicom_state_meta
 (
@@ -53,10 +56,23 @@ CREATE TABLE IF NOT EXISTS dicom_state_meta
     series_related_instances integer,
     created_time             timestamp   not null default current_timestamp(6),
     updated_time             timestamp   not null default current_timestamp(6),
+    version                  bigint      not null default 0,
     primary key (tenant_id, study_uid, series_uid)
 );
 
 CREATE INDEX IF NOT EXISTS dicom_state_meta_updated_time ON dicom_state_meta (updated_time);
+
+-- Databases created before the version column existed.
+ALTER TABLE dicom_state_meta ADD COLUMN IF NOT EXISTS version bigint not null default 0;
+
+CREATE TABLE IF NOT EXISTS dicom_series_version
+(
+    tenant_id                varchar(64) not null,
+    study_uid                varchar(64) not null,
+    series_uid               varchar(64) not null,
+    version                  bigint      not null,
+    primary key (tenant_id, study_uid, series_uid)
+);
 
 CREATE TABLE IF NOT EXISTS dicom_series_instance
 (
