@@ -11,7 +11,10 @@ Precedence, most specific first:
    said who owns its data; nothing inside the data may override that.
 2. ``tenant_by_called_ae``: the AE title the device addressed (one AE per tenant).
 3. The private tag (1211,1217), if enabled and valid: a hint that only replaces
-   the default tenant, so a mapped device can never write into another tenant.
+   the default tenant, so a mapped device can never write into another tenant. It may
+   not name a *mapped* tenant (one that appears as a value of an AE-title map): an
+   unmapped caller that tries is refused (:class:`TenantRefused`, C-STORE status
+   0x0124), so an unknown device can never write into a mapped hospital's tenant.
 4. ``default_tenant``.
 
 An association whose AE titles map to nothing is rejected with "calling AE title
@@ -31,7 +34,7 @@ from core.errors import ConfigError
 if TYPE_CHECKING:
     from core.settings import Settings
 
-__all__ = ["TENANT_PATTERN", "AssociationTenant", "TenantResolver", "is_valid_tenant"]
+__all__ = ["TENANT_PATTERN", "AssociationTenant", "TenantRefused", "TenantResolver", "is_valid_tenant"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,16 @@ TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 def is_valid_tenant(value: str | None) -> bool:
     """True if ``value`` satisfies the contract's ``tenant_id`` pattern."""
     return value is not None and TENANT_PATTERN.fullmatch(value) is not None
+
+
+class TenantRefused(Exception):
+    """An instance whose tenant choice is not allowed; the SCP answers 0x0124 (not authorised)."""
+
+    def __init__(self, reason: str, tenant: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        #: The tenant that was asked for and refused.
+        self.tenant = tenant
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,12 +119,24 @@ class TenantResolver:
             return AssociationTenant(self.default_tenant, mapped=False, source="default")
         return None
 
+    @property
+    def mapped_tenants(self) -> frozenset[str]:
+        """Tenants only mapped callers may write into (case-folded, as file systems may fold)."""
+        return frozenset(t.casefold() for t in (*self.by_calling_ae.values(), *self.by_called_ae.values()))
+
     def for_instance(self, association: AssociationTenant, private_tag_value: str | None) -> str:
-        """The tenant for one instance received on an accepted association."""
+        """The tenant for one instance received on an accepted association.
+
+        Raises :class:`TenantRefused` when an unmapped caller's private tag names a mapped tenant.
+        """
         if not self.from_private_tag or association.mapped or private_tag_value is None:
             return association.tenant
         value = private_tag_value.strip(" \x00")
         if is_valid_tenant(value):
+            if value.casefold() in self.mapped_tenants and value.casefold() != association.tenant.casefold():
+                raise TenantRefused("private_tag_names_mapped_tenant", value,
+                                    f"the private tenant tag names {value!r}, a tenant mapped to AE titles; "
+                                    "only callers mapped to it may store there")
             return value
         log.warning("private tenant tag ignored value=%r reason=pattern tenant=%s",
                     value[:80], association.tenant)

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 import pydicom
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from click.testing import CliRunner
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
@@ -42,6 +42,7 @@ from feeders.publisher import EventPublisher
 from feeders.scp import (
     CANNOT_UNDERSTAND,
     DATASET_MISMATCH,
+    NOT_AUTHORISED,
     OUT_OF_RESOURCES,
     SPOOL_DIR,
     SUCCESS,
@@ -145,6 +146,24 @@ async def collect_events(bootstrap: str, study_uids: set[str], expected: int,
     finally:
         await consumer.stop()
     return found
+
+
+async def events_until_end(bootstrap: str) -> list[dict[str, Any]]:
+    """Every storage event up to the topic's current end offsets (no waiting for absent ones)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(STORAGE, p) for p in sorted(consumer.partitions_for_topic(STORAGE) or [])]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: list[dict[str, Any]] = []
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                out.extend(orjson.loads(r.value) for r in records)
+        return out
+    finally:
+        await consumer.stop()
 
 
 def files_under(root: Path) -> list[Path]:
@@ -477,6 +496,42 @@ async def test_called_ae_and_private_tag_tenancy(
     events = await collect_events(broker.bootstrap, {by_called.study_uid, tagged.study_uid}, expected=2)
     tenants = {e["study_uid"]: e["tenant_id"] for _, e in events}
     assert tenants == {by_called.study_uid: "hospital-b", tagged.study_uid: "clinic-7"}
+
+
+async def test_private_tag_cannot_move_an_unmapped_caller_into_a_mapped_tenant(
+    tmp_path: Path, broker: EmbeddedBroker, publisher: EventPublisher, start_scp: ScpFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Issue #14 item 9a: with a default tenant and the private tag on, an unknown device
+    # tagged its data with a mapped hospital's tenant and it was stored and published there.
+    tenancy = TenantResolver(by_calling_ae={"MODALITY": "hospital-a"}, by_called_ae={"HOSP_B": "hospital-b"},
+                             default_tenant="fallback", from_private_tag=True)
+    scp = start_scp(publisher, tenancy=tenancy)
+    victims = {tenant: make_study(tmp_path / tenant, n_series=1, n_instances=1)
+               for tenant in ("hospital-a", "hospital-b")}
+    allowed = make_study(tmp_path / "clinic", n_series=1, n_instances=1)
+    for tenant, study in [*victims.items(), ("clinic-7", allowed)]:
+        for path in study.paths:
+            ds = pydicom.dcmread(path)
+            ds.add_new(0x12111217, "LO", tenant)
+            ds.save_as(path)
+
+    with caplog.at_level("WARNING", logger="feeders"):
+        refused = [await send(scp, study.paths, calling_aet="STRANGER") for study in victims.values()]
+    ok = await send(scp, allowed.paths, calling_aet="STRANGER")
+
+    for summary in refused:
+        assert summary.failed == 1 and summary.statuses == {NOT_AUTHORISED: 1}, summary
+    assert ok.succeeded == 1, ok.failures
+    root = scp.config.storage_root
+    assert not (root / "hospital-a").exists() and not (root / "hospital-b").exists()
+    assert [p.relative_to(root).parts[0] for p in files_under(root)] == ["clinic-7"]
+    assert "reason=private_tag_names_mapped_tenant" in caplog.text
+    assert "tenant=hospital-a" in caplog.text and "calling_ae=STRANGER" in caplog.text
+    # Every publish was acknowledged before its answer: the topic up to its end now is complete.
+    uids = {s.study_uid for s in victims.values()} | {allowed.study_uid}
+    events = [e for e in await events_until_end(broker.bootstrap) if e.get("study_uid") in uids]
+    assert [e["tenant_id"] for e in events] == ["clinic-7"]
 
 
 def test_tenant_resolution_precedence() -> None:

@@ -21,8 +21,9 @@ from core.errors import ConfigError
 from feeders.scp.association import build_ae, handle_association_request, on_connection_open, peer, server_ssl_context
 from feeders.scp.bridge import LoopBridge, Publisher
 from feeders.scp.config import ScpConfig
-from feeders.scp.store import StoreDeps, handle_store
+from feeders.scp.store import NOT_AUTHORISED, StoreDeps, handle_store
 from feeders.storage import InstanceStore
+from feeders.tenancy import TenantRefused
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
@@ -35,6 +36,20 @@ log = logging.getLogger(__name__)
 
 #: pynetdicom's spool files, inside the storage root so that placing one is a link.
 SPOOL_DIR = ".spool"
+
+
+def _store_or_refuse(event: Any, deps: StoreDeps) -> int:
+    """EVT_C_STORE: :func:`handle_store`, answering 0x0124 when the tenant choice is refused.
+
+    The refusal comes from the tenancy check, before anything is written or published.
+    """
+    try:
+        return handle_store(event, deps)
+    except TenantRefused as exc:
+        calling, called, ip = peer(event.assoc)
+        log.warning("store refused reason=%s calling_ae=%s called_ae=%s source_ip=%s tenant=%s detail=%s",
+                    exc.reason, calling, called, ip, exc.tenant, exc)
+        return NOT_AUTHORISED
 
 
 class StorageSCP:
@@ -93,7 +108,7 @@ class StorageSCP:
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, on_connection_open),
             (evt.EVT_REQUESTED, handle_association_request, [config.tenancy]),
-            (evt.EVT_C_STORE, handle_store, [deps]),
+            (evt.EVT_C_STORE, _store_or_refuse, [deps]),
         ]
         config.storage_root.mkdir(parents=True, exist_ok=True)
         ae = build_ae(config)
