@@ -243,6 +243,10 @@ class Settings:
     #: Stream Load redirect targets (host or host:port, lower case) that may receive the Doris
     #: credentials besides the FE's own host (DICOMFLOW_DORIS_BE_ALLOWLIST).
     doris_be_allowlist: tuple[str, ...] = ()
+    #: CA bundle that client certificates must chain to (DICOMFLOW_SCP_TLS_CA); None: none requested.
+    scp_tls_ca: Path | None = None
+    #: Verified client certificate CN -> tenant (DICOMFLOW_TENANT_BY_CERT_CN); wins over AE titles.
+    tenant_by_cert_cn: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -275,6 +279,14 @@ class Settings:
                 "DICOMFLOW_SCP_TLS_CERT and DICOMFLOW_SCP_TLS_KEY must be set together",
                 field="DICOMFLOW_SCP_TLS_CERT",
             )
+        client_ca = env.get("DICOMFLOW_SCP_TLS_CA") or None
+        if client_ca and not cert:
+            raise ConfigError("DICOMFLOW_SCP_TLS_CA (client certificates) needs DICOMFLOW_SCP_TLS_CERT and "
+                              "DICOMFLOW_SCP_TLS_KEY (TLS)", field="DICOMFLOW_SCP_TLS_CA")
+        by_cert_cn = _mapping(env, "DICOMFLOW_TENANT_BY_CERT_CN")
+        if by_cert_cn and not client_ca:
+            raise ConfigError("DICOMFLOW_TENANT_BY_CERT_CN needs DICOMFLOW_SCP_TLS_CA: only a verified "
+                              "client certificate may choose a tenant", field="DICOMFLOW_TENANT_BY_CERT_CN")
         return cls(
             home=home,
             storage_root=storage_root,
@@ -307,6 +319,8 @@ class Settings:
                                      in ("1", "true", "yes")),
             tls_cert=Path(cert) if cert else None,
             tls_key=Path(key) if key else None,
+            scp_tls_ca=Path(client_ca) if client_ca else None,
+            tenant_by_cert_cn=by_cert_cn,
             log_level=(env.get("DICOMFLOW_LOG_LEVEL") or "INFO").upper(),
             broker_profile=_profile(env, broker),
             embedded_broker_port=_int(env, "DICOMFLOW_EMBEDDED_BROKER_PORT", 19092, minimum=1),

@@ -7,12 +7,16 @@ seeds' private tag (1211,1217) when ``tenant_from_private_tag`` is on.
 
 Precedence, most specific first:
 
+0. ``tenant_by_cert_cn``: the common name of the client certificate, when the SCP
+   verifies client certificates (``DICOMFLOW_SCP_TLS_CA``). A certificate is proof
+   of identity where an AE title is only a claim, so it wins over both AE maps. A
+   verified certificate whose CN is not in the map falls through to the AE titles.
 1. ``tenant_by_calling_ae``: the sending device. An operator who maps a device has
    said who owns its data; nothing inside the data may override that.
 2. ``tenant_by_called_ae``: the AE title the device addressed (one AE per tenant).
 3. The private tag (1211,1217), if enabled and valid: a hint that only replaces
    the default tenant, so a mapped device can never write into another tenant. It may
-   not name a *mapped* tenant (one that appears as a value of an AE-title map): an
+   not name a *mapped* tenant (a value of the AE-title or certificate maps): an
    unmapped caller that tries is refused (:class:`TenantRefused`, C-STORE status
    0x0124), so an unknown device can never write into a mapped hospital's tenant.
 4. ``default_tenant``.
@@ -26,7 +30,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from core.errors import ConfigError
@@ -86,10 +90,15 @@ class TenantResolver:
     by_called_ae: Mapping[str, str] = field(default_factory=dict)
     default_tenant: str | None = None
     from_private_tag: bool = False
+    by_cert_cn: Mapping[str, str] = field(default_factory=dict)
+    #: The verified client certificate's CN of the association this resolver is bound to
+    #: (:meth:`for_peer`); None for the unbound, shared resolver.
+    cert_cn: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_calling_ae", _checked("tenant_by_calling_ae", self.by_calling_ae))
         object.__setattr__(self, "by_called_ae", _checked("tenant_by_called_ae", self.by_called_ae))
+        object.__setattr__(self, "by_cert_cn", _checked("tenant_by_cert_cn", self.by_cert_cn))
         if self.default_tenant is not None and not is_valid_tenant(self.default_tenant):
             raise ConfigError(f"default tenant {self.default_tenant!r} does not match "
                               f"{TENANT_PATTERN.pattern}", field="DICOMFLOW_DEFAULT_TENANT")
@@ -101,13 +110,25 @@ class TenantResolver:
             by_called_ae=settings.tenant_by_called_ae,
             default_tenant=settings.default_tenant,
             from_private_tag=settings.tenant_from_private_tag,
+            by_cert_cn=settings.tenant_by_cert_cn,
         )
+
+    def for_peer(self, cert_cn: str | None) -> TenantResolver:
+        """This resolver bound to one association's verified client certificate CN (or to none)."""
+        return self if cert_cn == self.cert_cn else replace(self, cert_cn=cert_cn)
 
     def for_association(self, calling_ae: str, called_ae: str) -> AssociationTenant | None:
         """The tenant for an association, or None when it must be rejected."""
         calling_ae, called_ae = calling_ae.strip(), called_ae.strip()
         by_calling = self.by_calling_ae.get(calling_ae)
         by_called = self.by_called_ae.get(called_ae)
+        by_cert = self.by_cert_cn.get(self.cert_cn.strip()) if self.cert_cn is not None else None
+        if by_cert is not None:
+            by_ae = by_calling or by_called
+            if by_ae is not None and by_ae != by_cert:
+                log.warning("tenant conflict cert_cn=%s tenant=%s calling_ae=%s called_ae=%s ae_tenant=%s "
+                            "resolution=cert_cn", self.cert_cn, by_cert, calling_ae, called_ae, by_ae)
+            return AssociationTenant(by_cert, mapped=True, source="cert_cn")
         if by_calling is not None:
             if by_called is not None and by_called != by_calling:
                 log.warning("tenant conflict calling_ae=%s tenant=%s called_ae=%s called_tenant=%s "
@@ -122,7 +143,8 @@ class TenantResolver:
     @property
     def mapped_tenants(self) -> frozenset[str]:
         """Tenants only mapped callers may write into (case-folded, as file systems may fold)."""
-        return frozenset(t.casefold() for t in (*self.by_calling_ae.values(), *self.by_called_ae.values()))
+        return frozenset(t.casefold() for t in (*self.by_calling_ae.values(), *self.by_called_ae.values(),
+                                                *self.by_cert_cn.values()))
 
     def for_instance(self, association: AssociationTenant, private_tag_value: str | None) -> str:
         """The tenant for one instance received on an accepted association.
@@ -135,7 +157,8 @@ class TenantResolver:
         if is_valid_tenant(value):
             if value.casefold() in self.mapped_tenants and value.casefold() != association.tenant.casefold():
                 raise TenantRefused("private_tag_names_mapped_tenant", value,
-                                    f"the private tenant tag names {value!r}, a tenant mapped to AE titles; "
+                                    f"the private tenant tag names {value!r}, a tenant mapped to AE titles or "
+                                    "certificates; "
                                     "only callers mapped to it may store there")
             return value
         log.warning("private tenant tag ignored value=%r reason=pattern tenant=%s",

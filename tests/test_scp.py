@@ -54,6 +54,7 @@ from feeders.scp import (
     read_instance_header,
     serve,
 )
+from feeders.scp.association import server_ssl_context
 from feeders.storage import UNKNOWN_STUDY_DATE, InstanceStore, safe_component
 from feeders.tenancy import AssociationTenant, TenantResolver
 from schemas.contract import validate_event
@@ -797,6 +798,132 @@ async def test_tls_association(
     assert trusted.exit_code == 0, trusted.output
     assert "succeeded=1" in trusted.output
     assert untrusted.exit_code == 1 and "failed=1" in untrusted.output, untrusted.output
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A test CA, a server certificate for localhost, and client certificates (openssl CLI)."""
+
+    folder: Path
+    ca: Path
+
+    def pair(self, name: str) -> tuple[Path, Path]:
+        return self.folder / f"{name}.pem", self.folder / f"{name}.key"
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def _make_ca(folder: Path, name: str) -> tuple[Path, Path]:
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+             "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", str(key), "-out", str(cert))
+    return cert, key
+
+
+def _issue(folder: Path, ca: tuple[Path, Path], name: str, cn: str, extensions: str) -> None:
+    cert, key, csr, ext = (folder / f"{name}{suffix}" for suffix in (".pem", ".key", ".csr", ".ext"))
+    ext.write_text(extensions)
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", f"/CN={cn}",
+             "-keyout", str(key), "-out", str(csr))
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
+             "-days", "1", "-extfile", str(ext), "-out", str(cert))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    folder = tmp_path_factory.mktemp("pki")
+    ca = _make_ca(folder, "ca")
+    rogue_ca = _make_ca(folder, "rogue-ca")
+    _issue(folder, ca, "server", "localhost",
+           "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    for name in ("ct-scanner-1", "workstation-9"):
+        _issue(folder, ca, name, name, "extendedKeyUsage=clientAuth\n")
+    _issue(folder, rogue_ca, "rogue", "ct-scanner-1", "extendedKeyUsage=clientAuth\n")
+    return Pki(folder, ca[0])
+
+
+def _client_context(pki: Pki, name: str | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    if name is not None:
+        cert, key = pki.pair(name)
+        ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+async def test_tls_client_certificates_are_required_and_verified(
+    tmp_path: Path, broker: EmbeddedBroker, publisher: EventPublisher, start_scp: ScpFactory, pki: Pki,
+) -> None:
+    # Issue #14 item 9b: with DICOMFLOW_SCP_TLS_CA only a client holding a certificate signed
+    # by that CA can associate.
+    cert, key = pki.pair("server")
+    scp = start_scp(publisher, tls_cert=cert, tls_key=key, tls_ca=pki.ca)
+    study = make_study(tmp_path / "in", n_series=1, n_instances=1)
+
+    async def attempt(client: str | None) -> Any:
+        return await send(scp, study.paths, ssl_context=_client_context(pki, client), server_hostname="localhost")
+
+    without, rogue = await attempt(None), await attempt("rogue")
+    assert without.failed == 1 and without.succeeded == 0, without
+    assert rogue.failed == 1 and rogue.succeeded == 0, rogue
+    assert files_under(scp.config.storage_root) == []
+    trusted = await attempt("workstation-9")
+    assert trusted.succeeded == 1, trusted.failures
+    [(_, event)] = await collect_events(broker.bootstrap, {study.study_uid}, expected=1)
+    assert event["tenant_id"] == "hospital-a"  # no CN map: the AE-title mapping decides
+
+
+async def test_certificate_cn_decides_the_tenant(
+    tmp_path: Path, broker: EmbeddedBroker, publisher: EventPublisher, start_scp: ScpFactory, pki: Pki,
+) -> None:
+    settings = Settings.from_env({
+        "DICOMFLOW_HOME": str(tmp_path / "home"),
+        "DICOMFLOW_SCP_TLS_CERT": str(pki.pair("server")[0]),
+        "DICOMFLOW_SCP_TLS_KEY": str(pki.pair("server")[1]),
+        "DICOMFLOW_SCP_TLS_CA": str(pki.ca),
+        "DICOMFLOW_TENANT_BY_CERT_CN": "ct-scanner-1=hospital-c",
+        "DICOMFLOW_TENANT_BY_CALLING_AE": "MODALITY=hospital-a",
+        "DICOMFLOW_TENANT_FROM_PRIVATE_TAG": "1",
+    })
+    config = ScpConfig.from_settings(settings)
+    assert config.tls_ca == pki.ca and config.describe()["tls_client_ca"] == str(pki.ca)
+    scp = start_scp(publisher, tenancy=config.tenancy, tls_cert=config.tls_cert, tls_key=config.tls_key,
+                    tls_ca=config.tls_ca)
+    by_cert = make_study(tmp_path / "c", n_series=1, n_instances=1)
+    for path in by_cert.paths:  # a tag cannot move a certificate-mapped caller either
+        ds = pydicom.dcmread(path)
+        ds.add_new(0x12111217, "LO", "clinic-7")
+        ds.save_as(path)
+    by_ae = make_study(tmp_path / "a", n_series=1, n_instances=1)
+
+    # The certificate's CN wins over the calling AE's mapping; an unmapped CN falls back to the AE.
+    first = await send(scp, by_cert.paths, calling_aet="MODALITY",
+                       ssl_context=_client_context(pki, "ct-scanner-1"), server_hostname="localhost")
+    second = await send(scp, by_ae.paths, calling_aet="MODALITY",
+                        ssl_context=_client_context(pki, "workstation-9"), server_hostname="localhost")
+
+    assert first.succeeded == 1 and second.succeeded == 1, (first.failures, second.failures)
+    events = await collect_events(broker.bootstrap, {by_cert.study_uid, by_ae.study_uid}, expected=2)
+    assert {e["study_uid"]: e["tenant_id"] for _, e in events} == {
+        by_cert.study_uid: "hospital-c", by_ae.study_uid: "hospital-a"}
+
+
+def test_client_certificate_settings_are_checked(tmp_path: Path, pki: Pki) -> None:
+    base = {"DICOMFLOW_HOME": str(tmp_path)}
+    tls = {**base, "DICOMFLOW_SCP_TLS_CERT": "c.pem", "DICOMFLOW_SCP_TLS_KEY": "k.pem"}
+    with pytest.raises(ConfigError, match="DICOMFLOW_SCP_TLS_CA"):
+        Settings.from_env({**base, "DICOMFLOW_SCP_TLS_CA": "ca.pem"})  # a CA without a server certificate
+    with pytest.raises(ConfigError, match="DICOMFLOW_TENANT_BY_CERT_CN"):
+        Settings.from_env({**tls, "DICOMFLOW_TENANT_BY_CERT_CN": "a=b"})  # a CN map without verification
+    s = Settings.from_env({**tls, "DICOMFLOW_SCP_TLS_CA": "ca.pem", "DICOMFLOW_TENANT_BY_CERT_CN": "a=t1,b=t2"})
+    assert s.scp_tls_ca == Path("ca.pem") and s.tenant_by_cert_cn == {"a": "t1", "b": "t2"}
+    with pytest.raises(ConfigError, match="cannot load TLS client CA") as bad_ca:
+        server_ssl_context(*pki.pair("server"), ca=tmp_path / "missing-ca.pem")
+    assert bad_ca.value.field == "DICOMFLOW_SCP_TLS_CA"
+    assert server_ssl_context(*pki.pair("server"), ca=pki.ca).verify_mode == ssl.CERT_REQUIRED
+    assert server_ssl_context(*pki.pair("server")).verify_mode == ssl.CERT_NONE
 
 
 def test_directory_sync_failure_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from feeders.tenancy import AssociationTenant, TenantRefused, TenantResolver
@@ -33,3 +35,23 @@ def test_private_tag_still_chooses_unmapped_tenants() -> None:
     # A mapped caller keeps its tenant whatever the tag says, even another mapped tenant.
     mapped = r.for_association("CT1", "DICOMFLOW")
     assert r.for_instance(mapped, "hospital-b") == "hospital-a"
+
+
+def test_certificate_cn_wins_and_its_tenant_is_protected() -> None:
+    r = TenantResolver(by_calling_ae={"CT1": "hospital-a"}, by_cert_cn={"scanner-9": "hospital-c"},
+                       default_tenant="fallback", from_private_tag=True)
+    assert r.for_peer("scanner-9").for_association("CT1", "X") == AssociationTenant("hospital-c", True, "cert_cn")
+    # A verified certificate whose CN is not mapped falls through to the AE titles.
+    assert r.for_peer("other").for_association("CT1", "X") == AssociationTenant("hospital-a", True, "calling_ae")
+    assert r.for_peer(None) is r and r.for_association("CT1", "X").source == "calling_ae"
+    unmapped = r.for_association("STRANGER", "X")
+    with pytest.raises(TenantRefused):
+        r.for_instance(unmapped, "hospital-c")
+
+
+def test_client_ca_needs_the_scp_certificate(tmp_path: Path) -> None:
+    from core.errors import ConfigError
+    from feeders.scp.config import ScpConfig
+
+    with pytest.raises(ConfigError, match="DICOMFLOW_SCP_TLS_CA"):
+        ScpConfig(storage_root=tmp_path, tenancy=TenantResolver(), tls_ca=tmp_path / "ca.pem")

@@ -1,7 +1,9 @@
 """Associations: what the SCP accepts (contexts, TLS policy) and whom (the tenancy check).
 
 An association is accepted only when a tenant can be resolved for its calling/called AE
-titles (:mod:`feeders.tenancy`); TLS, when configured, is 1.2 at least.
+titles, or for its verified client certificate (:mod:`feeders.tenancy`); TLS, when
+configured, is 1.2 at least, and with a client CA every client must present a
+certificate that chains to it (the handshake fails otherwise, before any DICOM byte).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import logging
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydicom import uid
 from pynetdicom import AE, AllStoragePresentationContexts
@@ -25,8 +27,8 @@ if TYPE_CHECKING:
 
     from feeders.scp.config import ScpConfig
 
-__all__ = ["STORAGE_TRANSFER_SYNTAXES", "server_ssl_context", "build_ae", "peer", "on_connection_open",
-           "handle_association_request"]
+__all__ = ["STORAGE_TRANSFER_SYNTAXES", "server_ssl_context", "build_ae", "peer", "peer_certificate_cn",
+           "on_connection_open", "handle_association_request"]
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,11 @@ STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
 _RJ_PERMANENT, _RJ_SERVICE_USER, _RJ_CALLING_AE = 0x01, 0x01, 0x03
 
 
-def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """A TLS server context for ``start_server(ssl_context=...)``; TLS 1.2 at least."""
+def server_ssl_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLContext:
+    """A TLS server context for ``start_server(ssl_context=...)``; TLS 1.2 at least.
+
+    With ``ca``, clients must present a certificate that chains to it (``CERT_REQUIRED``).
+    """
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -61,6 +66,12 @@ def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load TLS certificate {cert} / key {key}: {exc}",
                           field="DICOMFLOW_SCP_TLS_CERT") from exc
+    if ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load TLS client CA {ca}: {exc}", field="DICOMFLOW_SCP_TLS_CA") from exc
+        ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
 
@@ -94,6 +105,24 @@ def peer(assoc: Association) -> tuple[str, str, str]:
     return calling, called, ip
 
 
+def peer_certificate_cn(assoc: Association) -> str | None:
+    """The common name of the peer's verified client certificate, or None (no TLS, no certificate).
+
+    ``getpeercert()`` returns the parsed certificate only once it was verified, i.e. only
+    when the server context requires client certificates.
+    """
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        cert = sock.getpeercert()
+    except (OSError, ValueError):
+        return None
+    subject: Any = (cert or {}).get("subject", ())
+    names = [str(value) for rdn in subject for key, value in rdn if key == "commonName"]
+    return names[-1] if names else None
+
+
 def on_connection_open(event: Event) -> None:
     no_delay(event.assoc)
 
@@ -101,13 +130,14 @@ def on_connection_open(event: Event) -> None:
 def handle_association_request(event: Event, tenancy: TenantResolver) -> None:
     """EVT_REQUESTED: reject an association that no tenant can be resolved for."""
     calling, called, ip = peer(event.assoc)
-    resolved = tenancy.for_association(calling, called)
+    cert_cn = peer_certificate_cn(event.assoc)
+    resolved = tenancy.for_peer(cert_cn).for_association(calling, called)
     if resolved is not None:
-        log.info("association accepted calling_ae=%s called_ae=%s source_ip=%s tenant=%s tenant_source=%s",
-                 calling, called, ip, resolved.tenant, resolved.source)
+        log.info("association accepted calling_ae=%s called_ae=%s source_ip=%s cert_cn=%s tenant=%s "
+                 "tenant_source=%s", calling, called, ip, cert_cn, resolved.tenant, resolved.source)
         return
     log.warning("association rejected reason=calling_ae_not_recognised calling_ae=%s called_ae=%s "
-                "source_ip=%s", calling, called, ip)
+                "source_ip=%s cert_cn=%s", calling, called, ip, cert_cn)
     event.assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SERVICE_USER, _RJ_CALLING_AE)
     # As pynetdicom's own ACSE rejection does: wait for the peer to take the
     # A-ASSOCIATE-RJ and close, so it sees a rejection rather than a dropped socket.

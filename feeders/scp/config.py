@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.errors import ConfigError
 from feeders.tenancy import TenantResolver
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ class ScpConfig:
     worker_node_id: str = ""
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: CA bundle client certificates must chain to; set: every client must present one (CERT_REQUIRED).
+    tls_ca: Path | None = None
     #: Longer than the publisher's own request timeout, so its BrokerError wins the race.
     publish_timeout_s: float = 15.0
     #: Spool incoming data sets to disk (pynetdicom STORE_RECV_CHUNKED_DATASET).
@@ -36,6 +39,11 @@ class ScpConfig:
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
     extra_transfer_syntaxes: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.tls_ca is not None and not (self.tls_cert and self.tls_key):
+            raise ConfigError("a client CA (DICOMFLOW_SCP_TLS_CA) needs the SCP's own TLS certificate and key",
+                              field="DICOMFLOW_SCP_TLS_CA")
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> ScpConfig:
@@ -48,6 +56,7 @@ class ScpConfig:
             worker_node_id=settings.worker_id,
             tls_cert=settings.tls_cert,
             tls_key=settings.tls_key,
+            tls_ca=settings.scp_tls_ca,
         )
         return replace(config, **overrides) if overrides else config
 
@@ -58,6 +67,8 @@ class ScpConfig:
             "listen": f"{self.host}:{self.port}",
             "storage_root": str(self.storage_root),
             "tls": self.tls_cert is not None,
+            "tls_client_ca": str(self.tls_ca) if self.tls_ca else None,
+            "cert_cn_tenants": len(self.tenancy.by_cert_cn),
             "spool_to_disk": self.spool_to_disk,
             "max_associations": self.max_associations,
             "default_tenant": self.tenancy.default_tenant,

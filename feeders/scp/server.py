@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,7 +19,14 @@ from pynetdicom import _config, evt
 from pynetdicom import dimse_messages as _dimse_messages
 
 from core.errors import ConfigError
-from feeders.scp.association import build_ae, handle_association_request, on_connection_open, peer, server_ssl_context
+from feeders.scp.association import (
+    build_ae,
+    handle_association_request,
+    on_connection_open,
+    peer,
+    peer_certificate_cn,
+    server_ssl_context,
+)
 from feeders.scp.bridge import LoopBridge, Publisher
 from feeders.scp.config import ScpConfig
 from feeders.scp.store import NOT_AUTHORISED, StoreDeps, handle_store
@@ -42,7 +50,11 @@ def _store_or_refuse(event: Any, deps: StoreDeps) -> int:
     """EVT_C_STORE: :func:`handle_store`, answering 0x0124 when the tenant choice is refused.
 
     The refusal comes from the tenancy check, before anything is written or published.
+    With client certificates, the tenancy is bound to this association's verified CN first.
     """
+    cert_cn = peer_certificate_cn(event.assoc)
+    if cert_cn is not None:
+        deps = replace(deps, tenancy=deps.tenancy.for_peer(cert_cn))
     try:
         return handle_store(event, deps)
     except TenantRefused as exc:
@@ -96,7 +108,7 @@ class StorageSCP:
                 raise RuntimeError("StorageSCP.start() needs loop= when called outside a coroutine") \
                     from None
         config = self.config
-        ssl_context = (server_ssl_context(config.tls_cert, config.tls_key)
+        ssl_context = (server_ssl_context(config.tls_cert, config.tls_key, config.tls_ca)
                        if config.tls_cert and config.tls_key else None)
         deps = StoreDeps(
             store=InstanceStore(config.storage_root),
