@@ -19,7 +19,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from core.errors import ConfigError
 
-__all__ = ["Secret", "Settings", "mask_dsn", "child_env", "BrokerProfile", "EMBEDDED_PROFILE", "PRODUCTION_PROFILE"]
+__all__ = ["Secret", "Settings", "mask_dsn", "child_env", "BrokerProfile", "BrokerSecurity", "EMBEDDED_PROFILE",
+           "PRODUCTION_PROFILE"]
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,75 @@ def _host_list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+_BROKER_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """How every Kafka client authenticates to the broker (TLS and/or SASL); plaintext by default.
+
+    ``streams.broker.kafka_client_kwargs`` turns it into aiokafka's keyword arguments.
+    """
+
+    #: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (aiokafka's ``security_protocol``).
+    protocol: str = "PLAINTEXT"
+    #: CA bundle that the broker's certificate must chain to; None: the system CAs.
+    ssl_ca: Path | None = None
+    #: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL protocols only).
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret = field(default_factory=lambda: Secret(""))
+
+    @property
+    def tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, embedded: bool = False) -> BrokerSecurity:
+        env = os.environ if env is None else env
+        name = "DICOMFLOW_BROKER_SECURITY_PROTOCOL"
+        protocol = (env.get(name) or "PLAINTEXT").strip().upper()
+        if protocol not in _BROKER_PROTOCOLS:
+            raise ConfigError(f"{name} must be one of {', '.join(_BROKER_PROTOCOLS)}, got {protocol!r}", field=name)
+        ca = env.get("DICOMFLOW_BROKER_SSL_CA") or None
+        mechanism = (env.get("DICOMFLOW_BROKER_SASL_MECHANISM") or "").strip().upper() or None
+        username = env.get("DICOMFLOW_BROKER_SASL_USERNAME") or None
+        password = env.get("DICOMFLOW_BROKER_SASL_PASSWORD") or None
+        if embedded and protocol != "PLAINTEXT":
+            raise ConfigError(f"{name}={protocol}: the embedded broker speaks plaintext only; set "
+                              "DICOMFLOW_BROKER to a broker that offers TLS/SASL", field=name)
+        if ca and protocol not in ("SSL", "SASL_SSL"):
+            raise ConfigError(f"DICOMFLOW_BROKER_SSL_CA needs {name}=SSL or SASL_SSL, got {protocol}",
+                              field="DICOMFLOW_BROKER_SSL_CA")
+        if protocol.startswith("SASL_"):
+            mechanism = mechanism or "PLAIN"
+            if mechanism not in _SASL_MECHANISMS:
+                raise ConfigError(f"DICOMFLOW_BROKER_SASL_MECHANISM must be one of {', '.join(_SASL_MECHANISMS)}, "
+                                  f"got {mechanism!r}", field="DICOMFLOW_BROKER_SASL_MECHANISM")
+            if not username or not password:
+                raise ConfigError(f"{name}={protocol} needs DICOMFLOW_BROKER_SASL_USERNAME and "
+                                  "DICOMFLOW_BROKER_SASL_PASSWORD", field="DICOMFLOW_BROKER_SASL_USERNAME")
+        elif mechanism or username or password:
+            raise ConfigError(f"DICOMFLOW_BROKER_SASL_* need {name}=SASL_PLAINTEXT or SASL_SSL, got {protocol}",
+                              field="DICOMFLOW_BROKER_SASL_USERNAME")
+        return cls(protocol=protocol, ssl_ca=Path(ca).expanduser() if ca else None, sasl_mechanism=mechanism,
+                   sasl_username=username, sasl_password=Secret(password or ""))
+
+    def describe(self) -> str:
+        """``SASL_SSL SCRAM-SHA-512 user=x`` (never the password), for logs and ``status``."""
+        parts = [self.protocol]
+        if self.sasl:
+            parts += [str(self.sasl_mechanism), f"user={self.sasl_username}"]
+        if self.ssl_ca is not None:
+            parts.append(f"ca={self.ssl_ca}")
+        return " ".join(parts)
+
+
 def _profile(env: Mapping[str, str], broker: str | None) -> str:
     raw = (env.get("DICOMFLOW_BROKER_PROFILE") or ("tansu" if broker is None else "kafka")).lower()
     if raw not in ("tansu", "kafka"):
@@ -247,6 +317,8 @@ class Settings:
     scp_tls_ca: Path | None = None
     #: Verified client certificate CN -> tenant (DICOMFLOW_TENANT_BY_CERT_CN); wins over AE titles.
     tenant_by_cert_cn: dict[str, str] = field(default_factory=dict)
+    #: TLS/SASL of every Kafka client (DICOMFLOW_BROKER_SECURITY_PROTOCOL, _SSL_CA, _SASL_*).
+    broker_security: BrokerSecurity = field(default_factory=BrokerSecurity)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -323,6 +395,7 @@ class Settings:
             tenant_by_cert_cn=by_cert_cn,
             log_level=(env.get("DICOMFLOW_LOG_LEVEL") or "INFO").upper(),
             broker_profile=_profile(env, broker),
+            broker_security=BrokerSecurity.from_env(env, embedded=broker is None),
             embedded_broker_port=_int(env, "DICOMFLOW_EMBEDDED_BROKER_PORT", 19092, minimum=1),
             replication=_int(env, "DICOMFLOW_REPLICATION", 1, minimum=1),
             workers=_int(env, "DICOMFLOW_WORKERS", 1, minimum=1),
@@ -367,6 +440,7 @@ class Settings:
             "storage_root": str(self.storage_root),
             "broker": self.broker or f"embedded ({self.broker_url})",
             "broker_profile": self.broker_profile,
+            "broker_security": self.broker_security.describe(),
             "partitions": self.partitions,
             "app_id": self.app_id,
             "worker_id": self.worker_id,

@@ -13,9 +13,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from core.errors import BrokerError
-from core.settings import BrokerProfile
+from core.settings import BrokerProfile, BrokerSecurity
 from schemas import codec
-from streams.broker import bootstrap_of, ensure_topics
+from streams.broker import bootstrap_of, ensure_topics, kafka_client_kwargs
 from streams.topology import ALL_TOPICS, STORAGE
 
 __all__ = ["EventPublisher"]
@@ -24,26 +24,36 @@ log = logging.getLogger(__name__)
 
 
 class EventPublisher:
-    """An aiokafka producer for storage events. I/O only in :meth:`start`."""
+    """An aiokafka producer for storage events. I/O only in :meth:`start`.
+
+    ``security`` (TLS/SASL) defaults to what the environment describes.
+    """
 
     def __init__(self, broker_url: str, profile: BrokerProfile, *, partitions: int,
-                 topic: str = STORAGE, request_timeout_s: float = 10.0) -> None:
+                 topic: str = STORAGE, request_timeout_s: float = 10.0,
+                 security: BrokerSecurity | None = None) -> None:
         self.bootstrap = bootstrap_of(broker_url)
         self.profile = profile
         self.partitions = partitions
         self.topic = topic
         self.request_timeout_s = request_timeout_s
+        self.security = BrokerSecurity.from_env() if security is None else security
         self._producer: AIOKafkaProducer | None = None
 
-    async def start(self) -> None:
-        await ensure_topics(self.bootstrap, ALL_TOPICS, self.partitions)
-        producer = AIOKafkaProducer(
+    def new_producer(self) -> AIOKafkaProducer:
+        """The (not yet started) producer: acks=all, the profile's batching, TLS/SASL from ``security``."""
+        return AIOKafkaProducer(
             bootstrap_servers=self.bootstrap,
             acks="all",
             max_batch_size=max(self.profile.producer_max_batch_size, 1),
             linger_ms=int(self.profile.producer_linger_s * 1000),
             request_timeout_ms=int(self.request_timeout_s * 1000),
+            **kafka_client_kwargs(self.security),
         )
+
+    async def start(self) -> None:
+        await ensure_topics(self.bootstrap, ALL_TOPICS, self.partitions, security=self.security)
+        producer = self.new_producer()
         try:
             await producer.start()
         except KafkaError as exc:

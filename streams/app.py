@@ -20,7 +20,7 @@ from faust.types import TransportT
 
 from core.errors import ConfigError
 from core.settings import BrokerProfile, Settings
-from streams.broker import bootstrap_of, ensure_topics
+from streams.broker import bootstrap_of, ensure_topics, faust_credentials
 from streams.metrics import Metrics, setup_metrics
 from streams.topics import Topics
 from streams.topology import ALL_TOPICS
@@ -95,6 +95,7 @@ def create_app(settings: Settings) -> DicomflowApp:
         "producer_max_batch_size": profile.producer_max_batch_size,
         "producer_linger": profile.producer_linger_s,
         "producer_acks": -1,
+        "broker_credentials": faust_credentials(settings.broker_security),
         "consumer_auto_offset_reset": "earliest",
         "web_port": settings.web_port,
         "web_host": "127.0.0.1",

@@ -8,16 +8,23 @@ Every topic is created with its partition count before any client uses it: Tansu
 auto-creates unknown topics with 4 partitions, and Faust then crash-loops with
 PartitionsMismatch. An existing topic with a different partition count is an error
 that names the topic, never silently accepted.
+
+Every Kafka client of dicomflow takes its TLS/SASL settings from :func:`kafka_client_kwargs`
+(the Faust app through :func:`faust_credentials`, the feeders' producer, and the clients
+here). A caller that passes no :class:`~core.settings.BrokerSecurity` gets the one the
+environment describes, so helpers called with only a bootstrap string are covered too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -25,8 +32,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from core.errors import BrokerError, ConfigError
+from core.settings import BrokerSecurity
 
-__all__ = ["bootstrap_of", "ensure_topics", "Record", "end_offsets", "beginning_offsets", "committed_offsets",
+if TYPE_CHECKING:
+    from faust.types.auth import CredentialsT
+
+__all__ = ["kafka_client_kwargs", "faust_credentials", "new_admin", "new_consumer", "bootstrap_of", "ensure_topics",
+           "Record", "end_offsets", "beginning_offsets", "committed_offsets",
            "start_offset", "read_range", "read_last", "count_codes"]
 
 log = logging.getLogger(__name__)
@@ -40,9 +52,61 @@ def bootstrap_of(url: str) -> str:
     return url.replace(";", ",")
 
 
+def _ssl_context(security: BrokerSecurity) -> ssl.SSLContext:
+    """Verifies the broker's certificate and host name (against ``ssl_ca`` or the system CAs)."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(security.ssl_ca) if security.ssl_ca else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the broker CA bundle {security.ssl_ca}: {exc}",
+                          field="DICOMFLOW_BROKER_SSL_CA") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def kafka_client_kwargs(security: BrokerSecurity | None = None) -> dict[str, Any]:
+    """aiokafka keyword arguments for TLS/SASL (``security_protocol``, ``ssl_context``, ``sasl_*``).
+
+    ``security`` None: read from the environment (:meth:`BrokerSecurity.from_env`).
+    """
+    security = BrokerSecurity.from_env() if security is None else security
+    kwargs: dict[str, Any] = {"security_protocol": security.protocol}
+    if security.tls:
+        kwargs["ssl_context"] = _ssl_context(security)
+    if security.sasl:
+        kwargs.update(sasl_mechanism=security.sasl_mechanism, sasl_plain_username=security.sasl_username,
+                      sasl_plain_password=security.sasl_password.get())
+    return kwargs
+
+
+def faust_credentials(security: BrokerSecurity | None = None) -> CredentialsT | None:
+    """The same settings as Faust's ``broker_credentials`` (None for plaintext)."""
+    import faust
+
+    kwargs = kafka_client_kwargs(security)
+    if "sasl_mechanism" in kwargs:
+        return faust.SASLCredentials(username=kwargs["sasl_plain_username"],
+                                     password=kwargs["sasl_plain_password"],
+                                     mechanism=kwargs["sasl_mechanism"], ssl_context=kwargs.get("ssl_context"))
+    if "ssl_context" in kwargs:
+        return faust.SSLCredentials(kwargs["ssl_context"])
+    return None
+
+
+def new_admin(bootstrap: str, timeout: float, security: BrokerSecurity | None = None) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000),
+                               **kafka_client_kwargs(security))
+
+
+def new_consumer(bootstrap: str, group: str | None = None,
+                 security: BrokerSecurity | None = None) -> AIOKafkaConsumer:
+    """A consumer that never subscribes or auto-commits: looking cannot cause a rebalance."""
+    return AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+                            **kafka_client_kwargs(security))
+
+
 async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int, *,
-                        replication: int = 1, timeout: float = 30.0) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+                        replication: int = 1, timeout: float = 30.0, security: BrokerSecurity | None = None) -> None:
+    admin = new_admin(bootstrap, timeout, security)
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         try:
@@ -89,7 +153,7 @@ class Record:
 
 @asynccontextmanager
 async def _consumer(bootstrap: str, group: str | None = None) -> AsyncIterator[AIOKafkaConsumer]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    consumer = new_consumer(bootstrap, group)
     await consumer.start()
     try:
         yield consumer

@@ -215,7 +215,8 @@ async def serve(settings: Settings, *, broker_url: str | None = None, profile: B
         if url is None:
             raise ConfigError("the SCP needs a broker: set DICOMFLOW_BROKER (or run `dicomflow up`)",
                               field="DICOMFLOW_BROKER")
-        publisher = EventPublisher(url, profile or PRODUCTION_PROFILE, partitions=settings.partitions)
+        publisher = EventPublisher(url, profile or PRODUCTION_PROFILE, partitions=settings.partitions,
+                                   security=settings.broker_security)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
