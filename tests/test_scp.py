@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import ssl
 import subprocess
 import threading
@@ -771,7 +770,6 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make a test certificate")
 async def test_tls_association(
     tmp_path: Path, broker: EmbeddedBroker, publisher: EventPublisher, start_scp: ScpFactory,
 ) -> None:
