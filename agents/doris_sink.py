@@ -33,6 +33,7 @@ from sinks.base import Rejected, RetryAborted, retry_until_done
 from sinks.doris import DorisTableSink, StreamLoadClient
 from sinks.doris_batches import BatchLimits, DorisBatcher, DorisPorts
 from sinks.doris_intents import Range, encode_intents, latest_intents
+from sinks.doris_loaded import LoadedKeys
 from streams.broker import Record, read_last, read_range
 from streams.topology import DORIS_INTENTS, DORIS_OUTPUTS, TopicSpec
 
@@ -121,7 +122,7 @@ class DorisStage:
 
 
 def _stage(app: DicomflowApp, settings: Settings, spec: TopicSpec, client: StreamLoadClient,
-           intents: _TopicIntents) -> DorisStage:
+           intents: _TopicIntents, loaded: LoadedKeys | None) -> DorisStage:
     kind = spec.doris_kind
     assert kind is not None  # DORIS_OUTPUTS holds only topics with a Doris kind
     stage_name = f"doris:{kind}"
@@ -148,7 +149,8 @@ def _stage(app: DicomflowApp, settings: Settings, spec: TopicSpec, client: Strea
 
     ports: DorisPorts[EventT] = DorisPorts(intents=intents, read_source=read_source, ack=acks,
                                            dead_letter=dead_letter, should_stop=stopping(app),
-                                           committed=committed, release=released)
+                                           committed=committed, release=released,
+                                           loaded=loaded if spec.dedup_trace else None)
     sink = DorisTableSink.from_settings(settings, kind, client)
     batcher = DorisBatcher(sink, spec.name, ports, BatchLimits.from_settings(settings), kind=kind,
                            dedup_trace=spec.dedup_trace)
@@ -162,7 +164,11 @@ def register(app: DicomflowApp, settings: Settings) -> None:
         return
     client = StreamLoadClient.from_settings(settings)  # one HTTP session for every table
     intents = _TopicIntents(app)
-    stages = [_stage(app, settings, spec, client, intents) for spec in DORIS_OUTPUTS]
+    # With PostgreSQL, the transfer log's loaded keys outlive the broker (sinks/doris_loaded.py).
+    loaded = LoadedKeys(settings.postgres_dsn) if settings.postgres_dsn is not None else None
+    if loaded is not None:
+        app.close_on_shutdown(loaded.stop)
+    stages = [_stage(app, settings, spec, client, intents, loaded) for spec in DORIS_OUTPUTS]
     for stage in stages:
         _register_agent(app, stage)
         kind = stage.batcher.kind

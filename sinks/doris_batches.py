@@ -39,6 +39,7 @@ from sinks.base import Rejected, RetryAborted, SinkBatch, SinkItem, flush_with_r
 from sinks.dedupe import DedupWindow, dedup_key, dedup_keys
 from sinks.doris import DorisTableSink
 from sinks.doris_intents import IntentStore, Range, intent_key, remember
+from sinks.doris_loaded import LoadedKeys
 
 __all__ = ["SourceRecord", "BatchLimits", "DorisPorts", "DorisBatcher"]
 
@@ -100,6 +101,9 @@ class DorisPorts(Generic[E]):
     #: Hand back a partition's buffered events unacked (a retry gave up): the stage lets
     #: Faust's revocation go on and restarts the partition from its committed offset.
     release: Callable[[int, Sequence[E]], None] = lambda partition, events: None
+    #: A durable record of transfer-log keys already loaded (PostgreSQL), outliving the broker:
+    #: with ``dedup_trace``, rows whose key it holds are left out of a load.
+    loaded: LoadedKeys | None = None
 
 
 @dataclass
@@ -306,10 +310,20 @@ class DorisBatcher(Generic[E]):
                     await self._record_intent(partition, part, (first, last))
                     part.intent_recorded = True
                 self.sink.take_batches()  # what a failed attempt left behind is added again
-                self.sink.add_batch(SinkBatch(self.topic, partition, items, source_range=(first, last),
-                                              replay=part.replay))
-                await flush_with_retry(self.sink, on_rejected=self.ports.dead_letter,
-                                       should_stop=self.ports.should_stop)
+                loaded = self.ports.loaded if self.dedup_trace else None
+                keys = [dedup_key(item.value) for item in items] if loaded is not None else []
+                rows = items
+                if loaded is not None:
+                    known = await loaded.known(self.sink.table, [k for k in keys if k])
+                    rows = [item for item, k in zip(items, keys, strict=True) if k is None or k not in known]
+                    self.counters["duplicates_skipped"] += len(items) - len(rows)
+                if rows:
+                    self.sink.add_batch(SinkBatch(self.topic, partition, rows, source_range=(first, last),
+                                                  replay=part.replay))
+                    await flush_with_retry(self.sink, on_rejected=self.ports.dead_letter,
+                                           should_stop=self.ports.should_stop)
+                if loaded is not None:
+                    await loaded.add(self.sink.table, [k for k in keys if k])
 
             try:
                 # Any failure is retried (never acked past); a rebalance or shutdown stops the
