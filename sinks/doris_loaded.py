@@ -11,12 +11,12 @@ success and this record (milliseconds) can still let one batch in again.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 
 import asyncpg
 
 from core.settings import Secret
+from sinks.pg_pool import LazyPool
 
 __all__ = ["LoadedKeys"]
 
@@ -27,45 +27,32 @@ _ADD = ("INSERT INTO dicomflow_doris_loaded (tbl, dkey) SELECT $1, unnest($2::te
         "ON CONFLICT DO NOTHING")
 
 
+async def _create_table(conn: asyncpg.Connection) -> None:
+    await conn.execute(_DDL)
+
+
 class LoadedKeys:
     """A durable set of loaded keys per table. I/O only from :meth:`start` on."""
 
     def __init__(self, dsn: str | Secret) -> None:
-        self._dsn = dsn if isinstance(dsn, Secret) else Secret(dsn)
-        self._pool: asyncpg.Pool | None = None
-        self._lock = asyncio.Lock()
+        self._pool = LazyPool(dsn, _create_table)
 
     async def start(self) -> None:
-        async with self._lock:
-            if self._pool is None:
-                pool = await asyncpg.create_pool(self._dsn.get(), min_size=1, max_size=2, timeout=10.0)
-                try:
-                    await pool.execute(_DDL)
-                except BaseException:
-                    pool.terminate()
-                    raise
-                self._pool = pool
+        await self._pool.start()
 
     async def stop(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), 10.0)
-            except Exception:
-                pool.terminate()
+        await self._pool.stop()
 
     async def known(self, table: str, keys: Iterable[str]) -> set[str]:
         wanted = list(dict.fromkeys(keys))
         if not wanted:
             return set()
-        await self.start()
-        assert self._pool is not None
-        return {r["dkey"] for r in await self._pool.fetch(_KNOWN, table, wanted)}
+        pool = await self._pool.get()
+        return {r["dkey"] for r in await pool.fetch(_KNOWN, table, wanted)}
 
     async def add(self, table: str, keys: Iterable[str]) -> None:
         batch = list(dict.fromkeys(keys))
         if not batch:
             return
-        await self.start()
-        assert self._pool is not None
-        await self._pool.execute(_ADD, table, batch)
+        pool = await self._pool.get()
+        await pool.execute(_ADD, table, batch)

@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 import asyncpg
 
 from core.errors import SinkError, SinkRetryableError
-from core.settings import Secret, mask_dsn
+from core.settings import Secret
 from sinks.base import Backoff
+from sinks.pg_pool import LazyPool
 from sinks.postgres import apply_schema
 
 __all__ = ["SeriesFacts"]
@@ -40,40 +41,25 @@ class SeriesFacts:
     """Records instances of a series and returns its exact count. I/O only from :meth:`start`."""
 
     def __init__(self, dsn: str | Secret, *, connect_timeout: float = 10.0) -> None:
-        self._dsn = dsn if isinstance(dsn, Secret) else Secret(dsn)
         self.connect_timeout = connect_timeout
-        self._pool: asyncpg.Pool | None = None
+        self._pool = LazyPool(dsn, apply_schema, connect_timeout=connect_timeout)
         self.counters: dict[str, float] = {"recorded_batches": 0, "retries": 0}
 
     def __repr__(self) -> str:
-        return f"SeriesFacts(dsn={mask_dsn(self._dsn.get())!r})"
+        return f"SeriesFacts({self._pool!r})"
 
     async def start(self) -> None:
-        if self._pool is None:
-            pool = await asyncpg.create_pool(self._dsn.get(), min_size=1, max_size=2, timeout=self.connect_timeout)
-            try:
-                async with pool.acquire(timeout=self.connect_timeout) as conn:
-                    await apply_schema(conn)
-            except BaseException:
-                pool.terminate()
-                raise
-            self._pool = pool
+        await self._pool.start()
 
     async def stop(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), 10.0)
-            except Exception:
-                pool.terminate()
+        await self._pool.stop()
 
     async def record(self, tenant: str, study: str, series: str, sop_uids: Sequence[str]) -> tuple[int, int]:
         """Add ``sop_uids`` to the series' facts (idempotent); return its exact instance count and
         its next version (one more at every call: what orders the series' states)."""
         try:
-            await self.start()
-            assert self._pool is not None
-            async with self._pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
+            pool = await self._pool.get()
+            async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
                 if sop_uids:
                     await conn.execute(_RECORD, tenant, study, series, list(sop_uids))
                 count = await conn.fetchval(_COUNT, tenant, study, series)
