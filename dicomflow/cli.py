@@ -126,6 +126,7 @@ def replay_dlq(code: str | None, broker: str | None, resume: bool) -> None:
     summary = _with_publisher(settings, lambda publisher: replay_dead_letters(
         bootstrap_of(settings.broker_url), publisher, code=code, resume_group=group))
     click.echo(f"replay-dlq: scanned={summary.scanned} replayed={summary.replayed} by_code={summary.by_code}"
+               + (f" not_replayable_truncated={summary.truncated}" if summary.truncated else "")
                + (f" already_done={summary.already_done} progress_group={group}" if group else ""))
 
 

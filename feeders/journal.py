@@ -14,6 +14,7 @@ it when it stops; the relay deletes a file once it is closed and fully checkpoin
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -102,9 +103,15 @@ class JournalPublisher:
         self.writer.close()
 
     async def publish(self, event: dict[str, Any], key: str | None, *, topic: str | None = None) -> None:
+        await self._append(codec.dumps({"key": key, "event": event}))
+
+    async def publish_raw(self, value: bytes, key: str | None, *, topic: str | None = None) -> None:
+        """An event as exact bytes (``replay-dlq`` re-publishes a message that was not even JSON)."""
+        await self._append(codec.dumps({"key": key, "raw_b64": base64.b64encode(value).decode("ascii")}))
+
+    async def _append(self, line: bytes) -> None:
         import asyncio
 
-        line = codec.dumps({"key": key, "event": event})
         try:
             await asyncio.to_thread(self.writer.append, line)
         except OSError as exc:
@@ -156,6 +163,8 @@ class Line:
     key: str | None
     event: dict[str, Any]
     end: int
+    #: The event's exact bytes, when it was journaled as bytes (see ``publish_raw``).
+    raw: bytes | None = None
 
 
 def read_lines(path: Path, start: int) -> Iterator[Line]:
@@ -163,15 +172,16 @@ def read_lines(path: Path, start: int) -> Iterator[Line]:
     with open(path, "rb") as f:
         f.seek(start)
         pos = start
-        for raw in f:
-            if not raw.endswith(b"\n"):
+        for text in f:
+            if not text.endswith(b"\n"):
                 return
-            pos += len(raw)
+            pos += len(text)
             try:
-                doc = json.loads(raw)
+                doc = json.loads(text)
             except ValueError:
                 continue  # cannot happen for lines we wrote whole; never stop the relay on it
-            yield Line(doc.get("key"), doc.get("event") or {}, pos)
+            exact = base64.b64decode(doc["raw_b64"]) if doc.get("raw_b64") else None
+            yield Line(doc.get("key"), doc.get("event") or {}, pos, exact)
 
 
 class Checkpoint:

@@ -33,6 +33,8 @@ CHUNK = 200
 class EventSink(Protocol):
     async def publish(self, event: dict[str, Any], key: str | None, *, topic: str | None = None) -> None: ...
 
+    async def publish_raw(self, value: bytes, key: str | None, *, topic: str | None = None) -> None: ...
+
 
 class LagProbe(Protocol):
     async def total_lag(self) -> int: ...
@@ -80,7 +82,8 @@ class Relay:
             position = self.published.get(fid, 0)
             with contextlib.suppress(FileNotFoundError):  # renamed on close: seen again next round
                 for line in read_lines(path, position):
-                    pending.append(self.publisher.publish(line.event, line.key))
+                    pending.append(self.publisher.publish_raw(line.raw, line.key) if line.raw is not None
+                                   else self.publisher.publish(line.event, line.key))
                     position = line.end
                     if len(pending) >= CHUNK:
                         await asyncio.gather(*pending)

@@ -20,6 +20,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from feeders.publisher import EventPublisher
+from streams.broker import kafka_client_kwargs
 from streams.topology import DLQ
 
 __all__ = ["ReplaySummary", "replay_dead_letters"]
@@ -34,13 +35,15 @@ class ReplaySummary:
     by_code: dict[str, int] = field(default_factory=dict)
     #: With a resume group: letters before this run's start, replayed by earlier runs.
     already_done: int = 0
+    #: Letters whose original was too large to keep whole (capped): they cannot be replayed.
+    truncated: int = 0
 
 
 async def replay_dead_letters(bootstrap: str, publisher: EventPublisher, *, code: str | None = None,
                               stage: str = "ingest", resume_group: str | None = None) -> ReplaySummary:
     summary = ReplaySummary()
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="earliest", group_id=resume_group)
+                                auto_offset_reset="earliest", group_id=resume_group, **kafka_client_kwargs())
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(DLQ) or set()
@@ -86,6 +89,9 @@ async def _replay_one(value: bytes | None, key: bytes | None, publisher: EventPu
         return
     letter_code = (letter.get("error") or {}).get("code")
     if code is not None and letter_code != code:
+        return
+    if letter.get("original_truncated"):
+        summary.truncated += 1  # only a prefix was kept: re-publishing it would be a different event
         return
     if letter.get("original") is not None:
         raw = orjson.dumps(letter["original"])

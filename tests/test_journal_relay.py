@@ -1,0 +1,104 @@
+"""The journal and the relay: what an acknowledged event rests on when the broker keeps nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from feeders.journal import Checkpoint, JournalPublisher, journal_files, read_lines
+from feeders.relay import Relay
+
+
+class Broker:
+    """Stands in for the broker side only: what was published, and the lag the pipeline shows."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str | None, Any]] = []
+        self.lag = 0
+
+    async def publish(self, event: dict[str, Any], key: str | None, *, topic: str | None = None) -> None:
+        self.sent.append((key, event))
+
+    async def publish_raw(self, value: bytes, key: str | None, *, topic: str | None = None) -> None:
+        self.sent.append((key, value))
+
+    async def total_lag(self) -> int:
+        return self.lag
+
+
+async def test_a_journaled_event_is_a_durable_line(tmp_path: Path) -> None:
+    journal = JournalPublisher(tmp_path, "scp")
+    await journal.start()
+    await journal.publish({"trace_id": "t1", "file_path": "a.dcm"}, "k1")
+    await journal.publish_raw(b"\xff not json", None)
+    path = journal.writer.path
+    assert path is not None and oct(path.stat().st_mode & 0o777) == "0o600"
+    lines = list(read_lines(path, 0))
+    assert [(line.key, line.event.get("trace_id"), line.raw) for line in lines] == [
+        ("k1", "t1", None), (None, None, b"\xff not json")]
+    # a line still being written (no newline yet) is not a line
+    with open(path, "ab") as f:
+        f.write(b'{"key": "k2", "event": {"trace_id": "t2"')
+    assert len(list(read_lines(path, 0))) == 2
+    await journal.stop()
+
+
+async def test_relay_publishes_and_checkpoints_only_when_drained(tmp_path: Path) -> None:
+    journal = JournalPublisher(tmp_path, "scp")
+    await journal.start()
+    for i in range(5):
+        await journal.publish({"trace_id": f"t{i}"}, f"k{i}")
+    broker = Broker()
+    relay = Relay(tmp_path, broker, broker, settle_s=2.0)
+    relay.start()
+    broker.lag = 3  # the workers are still busy
+    assert not await relay.step(0.0)
+    assert [e["trace_id"] for _, e in broker.sent] == [f"t{i}" for i in range(5)]
+    assert Checkpoint(tmp_path).load().positions == {}
+    broker.lag = 0
+    assert not await relay.step(1.0)  # quiet, but not for a whole settle time yet
+    assert await relay.step(3.5)
+    (name, position), = Checkpoint(tmp_path).load().positions.items()
+    assert journal.writer.path is not None and position == journal.writer.path.stat().st_size
+    # the file is still open: it stays; once closed and checkpointed it goes
+    assert journal_files(tmp_path)
+    await journal.stop()
+    assert await relay.step(10.0)
+    assert journal_files(tmp_path) == []
+
+
+async def test_a_restarted_relay_publishes_again_from_the_checkpoint(tmp_path: Path) -> None:
+    journal = JournalPublisher(tmp_path, "cli")
+    await journal.start()
+    await journal.publish({"trace_id": "before"}, None)
+    first = Broker()
+    relay = Relay(tmp_path, first, first, settle_s=0.0)
+    relay.start()
+    assert not await relay.step(0.0)  # published now: drained only once a round sends nothing
+    assert await relay.step(0.1)  # drained: "before" is checkpointed
+    await journal.publish({"trace_id": "after-1"}, None)
+    await journal.publish({"trace_id": "after-2"}, None)
+    await relay.publish_new()  # published to a broker that is then lost, never checkpointed
+    # a new stack: a fresh broker, a new relay
+    fresh = Broker()
+    again = Relay(tmp_path, fresh, fresh, settle_s=0.0)
+    again.start()
+    await again.publish_new()
+    assert [e["trace_id"] for _, e in fresh.sent] == ["after-1", "after-2"]
+    await journal.stop()
+
+
+async def test_a_dead_writers_file_is_deleted_once_checkpointed(tmp_path: Path) -> None:
+    # A feeder killed mid-run never renames its file: the relay sees its process is gone.
+    dead = tmp_path / f"scp-{1}-{2**22 + 12345}.jsonl"
+    dead.write_bytes(orjson.dumps({"key": None, "event": {"trace_id": "x"}}) + b"\n")
+    assert not os.path.exists(f"/proc/{2**22 + 12345}")
+    broker = Broker()
+    relay = Relay(tmp_path, broker, broker, settle_s=0.0)
+    relay.start()
+    assert not await relay.step(0.0)
+    assert await relay.step(0.1)
+    assert [e["trace_id"] for _, e in broker.sent] == ["x"] and not dead.exists()
