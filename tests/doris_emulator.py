@@ -232,6 +232,7 @@ class DorisEmulator:
         ddl: str | None = None,
         auth_mode: Literal["body401", "http401"] = "body401",
         host: str = "127.0.0.1",
+        redirect_host: str | None = None,
         json_max_bytes: int = 100 * 1024 * 1024,
     ) -> None:
         #: streaming_load_json_max_mb: bodies over it fail in on_header, before any txn.
@@ -239,6 +240,9 @@ class DorisEmulator:
         self.user = user
         self.password = password
         self.host = host
+        #: The host name the FE's 307 names for the BE (default ``host``). The BE still listens on
+        #: ``host``: e.g. ``localhost`` makes the redirect point at another host name than the FE's.
+        self.redirect_host = redirect_host or host
         self.auth_mode = auth_mode
         specs = parse_ddl(ddl) if ddl is not None else tables()
         self.databases: dict[str, dict[str, TableSpec]] = {db: dict(specs) for db in databases}
@@ -383,7 +387,7 @@ class DorisEmulator:
         # java.net.URI quoting of the userinfo: ':' and sub-delims stay, '@' '/' are escaped.
         safe = "-_.!~*'(),;:$&+="
         userinfo = f"{quote(self.user, safe=safe)}:{quote(self.password, safe=safe)}"
-        location = f"http://{userinfo}@{self.host}:{self.be_port}{request.rel_url.raw_path_qs}"
+        location = f"http://{userinfo}@{self.redirect_host}:{self.be_port}{request.rel_url.raw_path_qs}"
         resp = web.Response(status=307, headers={"Location": location},
                             content_type="text/html", charset="utf-8")
         # The body was never asked for: do not keep a half-used connection around.

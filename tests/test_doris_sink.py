@@ -18,7 +18,7 @@ from core.settings import Settings
 from dicom.extract import Extracted, extract
 from schemas import ddl
 from schemas.codec import to_row
-from sinks.base import Backoff, Rejected, SinkBatch, SinkItem, flush_with_retry
+from sinks.base import Backoff, Rejected, RetryAborted, SinkBatch, SinkItem, flush_with_retry
 from sinks.doris import LABEL_RE, DorisTableSink, StreamLoadClient, make_label
 from tests.doris_emulator import DorisEmulator
 
@@ -155,7 +155,7 @@ async def test_bad_password_is_loud_and_retried(doris_emulator: DorisEmulator, m
             attempts += 1
             return attempts >= 3
 
-        with pytest.raises(asyncio.CancelledError):
+        with pytest.raises(RetryAborted):
             await flush_with_retry(sink, on_rejected=DeadLetters(), should_stop=stop, backoff=BACKOFF)
     finally:
         await bad.stop()
@@ -344,14 +344,16 @@ async def test_body_over_the_server_limit_is_split_not_retried_forever(client: S
 
 async def test_state_sequence_column_keeps_the_newest(doris_emulator: DorisEmulator,
                                                       client: StreamLoadClient) -> None:
+    # The sequence column is the per-series version (#14 item 3), not the wall clock.
     t0 = datetime(2024, 5, 6, 10, 0, 0)
-    newer = to_row(records(1, now=t0 + timedelta(minutes=5))[0].state)
-    older = {**to_row(records(1, now=t0)[0].state), "patient_name": "STALE^NAME"}
+    newer = {**to_row(records(1, now=t0)[0].state), "version": 7}
+    older = {**to_row(records(1, now=t0 + timedelta(minutes=5))[0].state), "patient_name": "STALE^NAME",
+             "version": 6}
     sink = sink_for(client, STATE)
     await flush(sink, batch([newer]))
     await flush(sink, batch([older], first_offset=500))  # an out-of-order replay
     states = doris_emulator.rows(STATE)
-    assert len(states) == 1 and states[0]["updated_time"] == t0 + timedelta(minutes=5)
+    assert len(states) == 1 and states[0]["version"] == 7 and states[0]["updated_time"] == t0
     assert states[0]["patient_name"] != "STALE^NAME"
 
 
@@ -366,10 +368,10 @@ async def test_client_raises_data_error_on_data_quality_fail(client: StreamLoadC
 def test_ddl_parses_the_schema() -> None:
     specs = ddl.tables()
     assert sorted(specs) == [IMAGE, OBJECT, STATE]
-    assert (len(specs[OBJECT].columns), len(specs[STATE].columns), len(specs[IMAGE].columns)) == (20, 30, 38)
+    assert (len(specs[OBJECT].columns), len(specs[STATE].columns), len(specs[IMAGE].columns)) == (20, 31, 38)
     assert specs[OBJECT].key_model == "DUPLICATE" and specs[OBJECT].key_columns == ("created_time", "tenant_id")
     assert specs[STATE].key_columns == ("tenant_id", "study_uid", "series_uid")
-    assert specs[STATE].sequence_column == "updated_time"
+    assert specs[STATE].sequence_column == "version"
     assert specs[IMAGE].key_model == "UNIQUE" and specs[IMAGE].sequence_column == "updated_time"
     assert specs[IMAGE].column("columns") == ddl.ColumnSpec("columns", "INT", None, True)
     assert specs[OBJECT].column("trace_id") == ddl.ColumnSpec("trace_id", "VARCHAR", 36, False)
@@ -406,6 +408,7 @@ async def test_from_settings(doris_emulator: DorisEmulator) -> None:
                                   "DICOMFLOW_DORIS_PASSWORD": doris_emulator.password})
     client = StreamLoadClient.from_settings(settings)
     sink = DorisTableSink.from_settings(settings, "image", client)
+    sink.incarnation = INC_A  # read from the broker at worker start
     try:
         await sink.start()
         dead = await flush(sink, batch([to_row(records(1)[0].image)]))
@@ -413,3 +416,198 @@ async def test_from_settings(doris_emulator: DorisEmulator) -> None:
         await sink.stop()
     assert dead.items == [] and len(doris_emulator.rows(IMAGE)) == 1
     assert (sink.db, sink.table, sink.name) == (DB, IMAGE, "doris:dicom_image_meta")
+
+
+# --- incarnations: a label names one content forever (issue 13 item 4) ------------------------
+
+
+INC_A, INC_B = "0a1b2c3d4e5f6071", "f0e1d2c3b4a59687"
+
+
+def incarnated(client: StreamLoadClient, incarnation: str, table: str = OBJECT) -> DorisTableSink:
+    sink = DorisTableSink(client, db=DB, table=table)
+    sink.incarnation = incarnation  # what agents/doris_sink.py sets at worker start
+    return sink
+
+
+async def test_a_second_incarnation_with_the_same_offsets_loads_its_rows(doris_emulator: DorisEmulator,
+                                                                         client: StreamLoadClient) -> None:
+    """After a broker reset offsets start again at 0: the new rows must land, not meet an old label."""
+    recs = records(6)
+    before = [to_row(r.object) for r in recs[:3]]
+    after = [to_row(r.object) for r in recs[3:]]
+    assert (await flush(incarnated(client, INC_A), batch(before, first_offset=0))).items == []
+    second = incarnated(client, INC_B)
+    dead = await flush(second, batch(after, first_offset=0))  # same topic, partition and offsets
+    assert dead.items == []
+    assert sorted(r["trace_id"] for r in doris_emulator.rows(OBJECT)) == [f"trace-{i:04d}" for i in range(6)]
+    assert [x.status for x in doris_emulator.loads] == ["Success", "Success"]
+    assert second.counters["label_already_finished"] == 0
+    labels = [x.label for x in doris_emulator.loads]
+    assert labels[0] != labels[1] and INC_A in str(labels[0]) and INC_B in str(labels[1])
+
+
+async def test_label_exists_without_an_intent_is_an_error_not_a_success(
+        doris_emulator: DorisEmulator, client: StreamLoadClient, caplog: pytest.LogCaptureFixture) -> None:
+    recs = records(4)
+    await flush(incarnated(client, INC_A), batch([to_row(r.object) for r in recs[:2]], first_offset=0))
+    # Another process of the same incarnation (an intents topic lost, a bug): same offsets, other rows.
+    stranger = incarnated(client, INC_A)
+    other = batch([to_row(r.object) for r in recs[2:]], first_offset=0)
+    caplog.set_level(logging.INFO)
+    with pytest.raises(SinkRetryableError, match="no intent"):
+        await stranger.write(other)
+    assert stranger.counters["label_conflicts"] == 1
+    assert stranger.counters["loads"] == 0 and stranger.counters["label_already_finished"] == 0
+    assert any(r.levelno == logging.ERROR and "Label Already Exists" in r.getMessage() for r in caplog.records)
+    # Through the retry loop: never counted as written, never acked (the flush gives up only when told to stop).
+    for item in other.items:
+        stranger.add(item)
+    attempts = 0
+
+    def stop() -> bool:
+        nonlocal attempts
+        attempts += 1
+        return attempts >= 2
+
+    with pytest.raises(RetryAborted):
+        await flush_with_retry(stranger, on_rejected=DeadLetters(), should_stop=stop, backoff=BACKOFF)
+    assert stranger.counters["rows"] == 0 and stranger.counters["batches"] == 0
+    assert sorted(r["trace_id"] for r in doris_emulator.rows(OBJECT)) == ["trace-0000", "trace-0001"]
+
+
+async def test_label_exists_for_a_batch_rebuilt_from_its_intent_is_success(doris_emulator: DorisEmulator,
+                                                                           client: StreamLoadClient) -> None:
+    rows = [to_row(r.object) for r in records(3)]
+    await flush(incarnated(client, INC_A), batch(rows, first_offset=0))
+    restarted = incarnated(client, INC_A)  # a restarted worker: it rebuilt the batch from its intent
+    replay = batch(rows, first_offset=0)
+    replay.replay = True
+    assert await restarted.write(replay) == []
+    assert restarted.counters["label_already_finished"] == 1 and restarted.counters["label_conflicts"] == 0
+    assert len(doris_emulator.rows(OBJECT)) == 3
+
+
+def test_incarnation_labels_stay_valid_and_distinct() -> None:
+    a = make_label(DB, OBJECT, "log_queue", 3, 0, 4999, incarnation=INC_A)
+    assert a == f"dicomflow:{INC_A}:{DB}:{OBJECT}:log_queue:3:0:4999"
+    assert a != make_label(DB, OBJECT, "log_queue", 3, 0, 4999, incarnation=INC_B)
+    assert a != make_label(DB, OBJECT, "log_queue", 3, 0, 4999)
+    long = make_label("d" * 100, "t" * 100, "x" * 249, 7, 10**15, 10**15 + 5, incarnation=INC_A)
+    assert len(long) <= 128 and LABEL_RE.match(long) and INC_A in long
+    assert long != make_label("d" * 100, "t" * 100, "x" * 249, 7, 10**15, 10**15 + 5, incarnation=INC_B)
+    with pytest.raises(ValueError, match="incarnation"):
+        make_label(DB, OBJECT, "log_queue", 0, 0, 1, incarnation="not:hex")
+
+
+async def test_a_sink_built_from_settings_refuses_to_load_without_its_incarnation(
+        doris_emulator: DorisEmulator) -> None:
+    settings = Settings.from_env({"DICOMFLOW_DORIS_FE_URL": doris_emulator.fe_url,
+                                  "DICOMFLOW_DORIS_USER": doris_emulator.user,
+                                  "DICOMFLOW_DORIS_PASSWORD": doris_emulator.password})
+    client = StreamLoadClient.from_settings(settings)
+    sink = DorisTableSink.from_settings(settings, "object", client)
+    try:
+        with pytest.raises(SinkRetryableError, match="incarnation"):
+            await sink.write(batch([to_row(records(1)[0].object)]))
+        assert doris_emulator.fe_requests == []
+    finally:
+        await client.stop()
+
+
+# --- Fail classification (issue 14 item 5) -------------------------------------------------------
+
+MEM_LIMIT = ("[MEM_LIMIT_EXCEEDED]PreCatch error code:11, [E11] Allocator sys memory check failed: "
+             "Cannot alloc:4194304, consuming tracker:<Load#Id=...>, peak used 2147483648")
+TOO_MANY_VERSIONS = ("[E-235]failed to init rowset builder. version count: 2001, exceed limit: 2000, "
+                     "tablet: 10095. Please reduce the frequency of loading data or adjust the "
+                     "max_tablet_version_num or time_series_max_tablet_version_num in be.conf")
+
+
+@pytest.mark.parametrize(("message", "kind", "min_wait"), [
+    (MEM_LIMIT, "mem_limit", 1.0),
+    (TOO_MANY_VERSIONS, "too_many_versions", 5.0),
+    ("[TOO_MANY_VERSION]failed to init rowset builder. version count: 2001", "too_many_versions", 5.0),
+    ("[INTERNAL_ERROR]cancelled: injected fault: tablet writer write failed", "transient", 0.0),
+])
+async def test_transient_fails_are_retried_and_counted_by_kind(doris_emulator: DorisEmulator,
+                                                               client: StreamLoadClient, message: str,
+                                                               kind: str, min_wait: float) -> None:
+    sink = sink_for(client, OBJECT)
+    row = to_row(records(1)[0].object)
+    doris_emulator.inject("fail", message=message)
+    with pytest.raises(SinkRetryableError) as info:
+        await sink.write(batch([row]))
+    assert (info.value.retry_after or 0.0) >= min_wait
+    assert sink.counters[f"fail_{kind}"] == 1
+    assert sink.counters["bisections"] == 0  # a transient refusal is retried whole, never split
+    assert sum(v for k, v in sink.counters.items() if k.startswith("fail_")) == 1
+    # The same label then loads, once.
+    assert await sink.write(batch([row])) == []
+    assert len(doris_emulator.rows(OBJECT)) == 1
+
+
+async def test_data_fails_are_counted_as_data(doris_emulator: DorisEmulator, client: StreamLoadClient) -> None:
+    sink = sink_for(client, OBJECT)
+    doris_emulator.inject("fail", message="[DATA_QUALITY_ERROR]too many filtered rows")
+    rejected = await sink.write(batch([to_row(records(1)[0].object)]))
+    assert len(rejected) == 1
+    assert sink.counters["fail_data"] == 1 and sink.counters["fail_transient"] == 0
+
+
+# --- credentials go to allowed BEs only (issue 14 item 10) ----------------------------------------
+
+
+async def test_auth_is_not_sent_to_a_redirect_on_another_host(caplog: pytest.LogCaptureFixture) -> None:
+    emulator = DorisEmulator(user="u", password="pw", redirect_host="localhost")  # FE is 127.0.0.1
+    async with emulator:
+        c = StreamLoadClient(emulator.fe_url, "u", "pw")
+        sink = sink_for(c, OBJECT)
+        caplog.set_level(logging.INFO)
+        try:
+            with pytest.raises(SinkRetryableError) as info:
+                await sink.write(batch([to_row(records(1)[0].object)]))
+        finally:
+            await c.stop()
+        assert "localhost" in info.value.message and "DICOMFLOW_DORIS_BE_ALLOWLIST" in info.value.message
+        assert [r.outcome for r in emulator.fe_requests] == ["redirect"]
+        assert emulator.loads == []  # the BE never saw the request, so never the credentials
+        assert sink.counters["fail_redirect_refused"] == 1
+        assert any(r.levelno == logging.ERROR and "DICOMFLOW_DORIS_BE_ALLOWLIST" in r.getMessage()
+                   for r in caplog.records)
+
+
+@pytest.mark.parametrize("allow", ["localhost", "LOCALHOST:{port}", "other:1, localhost:{port}"])
+async def test_an_allowlisted_be_gets_the_load(allow: str) -> None:
+    emulator = DorisEmulator(user="u", password="pw", redirect_host="localhost")
+    async with emulator:
+        settings = Settings.from_env({"DICOMFLOW_DORIS_FE_URL": emulator.fe_url, "DICOMFLOW_DORIS_USER": "u",
+                                      "DICOMFLOW_DORIS_PASSWORD": "pw",
+                                      "DICOMFLOW_DORIS_BE_ALLOWLIST": allow.format(port=emulator.be_port)})
+        c = StreamLoadClient.from_settings(settings)
+        try:
+            assert await sink_for(c, OBJECT).write(batch([to_row(records(1)[0].object)])) == []
+        finally:
+            await c.stop()
+        assert len(emulator.rows(OBJECT)) == 1 and [x.user for x in emulator.loads] == ["u"]
+
+
+async def test_an_allowlist_entry_with_another_port_does_not_allow() -> None:
+    emulator = DorisEmulator(user="u", password="pw", redirect_host="localhost")
+    async with emulator:
+        c = StreamLoadClient(emulator.fe_url, "u", "pw", be_allowlist=[f"localhost:{emulator.be_port + 1}"])
+        try:
+            with pytest.raises(SinkRetryableError, match="localhost"):
+                await sink_for(c, OBJECT).write(batch([to_row(records(1)[0].object)]))
+        finally:
+            await c.stop()
+        assert emulator.loads == []
+
+
+def test_be_allowlist_setting_is_parsed_and_checked() -> None:
+    env = {"DICOMFLOW_DORIS_FE_URL": "http://fe:8030"}
+    assert Settings.from_env(env).doris_be_allowlist == ()
+    got = Settings.from_env({**env, "DICOMFLOW_DORIS_BE_ALLOWLIST": " be1:8040, BE2 ,,"}).doris_be_allowlist
+    assert got == ("be1:8040", "be2")
+    with pytest.raises(ConfigError, match="DICOMFLOW_DORIS_BE_ALLOWLIST"):
+        Settings.from_env({**env, "DICOMFLOW_DORIS_BE_ALLOWLIST": "http://be1:8040"})
