@@ -35,6 +35,7 @@ from sinks.doris_batches import BatchLimits, DorisBatcher, DorisPorts
 from sinks.doris_intents import Range, encode_intents, latest_intents
 from sinks.doris_loaded import LoadedKeys
 from streams.broker import Record, read_last, read_range
+from streams.incarnation import read_incarnation
 from streams.topology import DORIS_INTENTS, DORIS_OUTPUTS, TopicSpec
 
 if TYPE_CHECKING:
@@ -169,6 +170,14 @@ def register(app: DicomflowApp, settings: Settings) -> None:
     if loaded is not None:
         app.close_on_shutdown(loaded.stop)
     stages = [_stage(app, settings, spec, client, intents, loaded) for spec in DORIS_OUTPUTS]
+
+    async def read_label_incarnation() -> None:
+        # Every label carries the broker's incarnation id; the sinks load nothing before it is set.
+        incarnation = await read_incarnation(app.bootstrap)
+        for stage in stages:
+            stage.batcher.sink.incarnation = incarnation
+
+    app.start_with(read_label_incarnation)
     for stage in stages:
         _register_agent(app, stage)
         kind = stage.batcher.kind

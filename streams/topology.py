@@ -17,7 +17,8 @@ from typing import Any
 from schemas.records import OUTPUT_RECORDS, DicomImageMeta, DicomObjectMeta, DicomStateMeta
 
 __all__ = ["TopicSpec", "TOPICS", "ALL_TOPICS", "BY_NAME", "DORIS_OUTPUTS", "consumed_topics",
-           "STORAGE", "STATE", "IMAGE", "LOG", "DLQ", "SERIES_INSTANCES", "SINK_DLQ", "DORIS_INTENTS"]
+           "STORAGE", "STATE", "IMAGE", "LOG", "DLQ", "SERIES_INSTANCES", "SINK_DLQ", "DORIS_INTENTS",
+           "INCARNATION"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,7 @@ LOG = DicomObjectMeta.TOPIC
 DLQ = "storage_queue_dlq"
 SINK_DLQ = "dicomflow_sink_dlq"
 DORIS_INTENTS = "dicomflow_doris_intents"
+INCARNATION = "dicomflow_incarnation"
 
 
 def _output(record: Any) -> TopicSpec:
@@ -74,6 +76,9 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(DORIS_INTENTS, "table:partition", "offset ranges",
               why="each Doris batch's offset range, written before the load, so a restarted sink "
                   "rebuilds the same batches and labels; written to the partition it describes"),
+    TopicSpec(INCARNATION, "the id", "incarnation id",
+              why="the broker's incarnation id (first record of partition 0), part of every Doris label: "
+                  "a reset broker counts offsets from 0 again under a new id (streams/incarnation.py)"),
 )
 
 BY_NAME: dict[str, TopicSpec] = {t.name: t for t in TOPICS}
