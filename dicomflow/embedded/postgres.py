@@ -37,6 +37,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Literal
@@ -132,7 +133,7 @@ class EmbeddedPostgres:
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb(bin_dir, owner, timeout)
 
-        running_port = self._running_port(bin_dir, owner)
+        running_port = self._settled_running_port(bin_dir, owner, timeout)
         if running_port is not None:
             # A server left running by an earlier process (cleanup_mode=None style): adopt it
             # rather than fail on the postmaster.pid lock.
@@ -245,6 +246,24 @@ class EmbeddedPostgres:
         finally:
             pwfile.unlink(missing_ok=True)
         log.info("embedded postgres initialised pgdata=%s", self.pgdata)
+
+    def _settled_running_port(self, bin_dir: Path, owner: pwd.struct_passwd | None, timeout: float) -> int | None:
+        """Like :meth:`_running_port`, for a server that must also answer on its port.
+
+        Right after a crash (SIGKILL, power loss of the stack) the lock file can still name a
+        postmaster that is dying, or a zombie not yet reaped: ``pg_ctl status`` then says
+        "running" although nothing listens. Wait until it either listens or is gone.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            port = self._running_port(bin_dir, owner)
+            if port is None or wait_for_port(HOST, port, 0.5):
+                return port
+            if time.monotonic() > deadline:
+                raise DicomflowError(f"a PostgreSQL server is registered in {self.pgdata} but does not answer "
+                                     f"on port {port}; stop it, or remove a stale postmaster.pid",
+                                     code=ERROR_CODE)
+            time.sleep(0.5)
 
     def _running_port(self, bin_dir: Path, owner: pwd.struct_passwd | None) -> int | None:
         """The port of a live server on this cluster, or None."""
