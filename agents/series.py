@@ -11,15 +11,20 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
-from faust.types import TP, StreamT
+from faust import Stream
+from faust.types import TP, EventT, StreamT
 
 from agents.gaps import GapGuard
+from agents.sink_support import release, stopping
 from schemas import codec
 from schemas.records import DicomStateMeta
+from sinks.base import RetryAborted, retry_until_done
 from sinks.series_facts import SeriesFacts
+from streams.broker import Record
 from streams.topology import SERIES_INSTANCES
 from tables.series import SeriesTables, marker_key, window_start
 
@@ -30,6 +35,9 @@ if TYPE_CHECKING:
 __all__ = ["SeriesStage", "register"]
 
 log = logging.getLogger(__name__)
+
+#: Instances after which a window is flushed before its time (its aggregate carries their UIDs).
+MAX_WINDOW_INSTANCES = 500
 
 
 class SeriesStage:
@@ -49,16 +57,20 @@ class SeriesStage:
         self._requested: dict[bytes, tuple[float, int]] = {}
         self._dirty: dict[bytes, tuple[float, int, int]] = {}
         self._seen_actives: frozenset[TP] = frozenset()
-        self.counters = {"flushes": 0, "instances": 0, "redeliveries": 0, "replays_skipped": 0}
+        self.counters = {"flushes": 0, "instances": 0, "redeliveries": 0, "replays_skipped": 0,
+                         "windows_unsettled": 0}
 
     async def _emit(self, key: bytes, agg: dict[str, Any]) -> None:
         row = dict(agg["state"])
         row["series_related_instances"] = agg["n"]
-        if self.facts is not None:
-            row["series_related_instances"], row["version"] = await self.facts.record_with_retry(
-                row["tenant_id"], row["study_uid"], row["series_uid"], agg.get("sops", []),
-                should_stop=lambda: bool(self.app.should_stop))
         row["created_time"] = agg["created"]
+        if self.facts is not None:
+            fact = await self.facts.record_with_retry(
+                row["tenant_id"], row["study_uid"], row["series_uid"], agg.get("sops", []), agg["created"],
+                should_stop=stopping(self.app))
+            row["series_related_instances"], row["version"] = fact.count, fact.version
+            # The series' first created_time, kept with the facts: windows come and go.
+            row["created_time"] = codec.format_datetime(fact.created) if fact.created else agg["created"]
         # UTC, informational: states are ordered by their version, not by a wall clock.
         row["updated_time"] = codec.format_datetime(datetime.now(UTC).replace(tzinfo=None))
         record = codec.from_row(DicomStateMeta, row)
@@ -141,6 +153,12 @@ class SeriesStage:
         agg["p"] = partition
         agg["state"] = msg["state"]
         agg["dirty"] = True
+        if len(sops) >= MAX_WINDOW_INSTANCES:
+            # A big window is flushed early: the aggregate (rewritten to the changelog at every
+            # instance) stays small.
+            await self._emit(key, agg)
+            self._mark_clean(key, agg)
+            return
         self.tables.set_window(key, agg)
         self._dirty[key] = (agg["w"], offset, partition)
         self.counters["instances"] += 1
@@ -149,7 +167,11 @@ class SeriesStage:
         agg: dict[str, Any] | None = self.tables.get_window(key)
         if agg is None or not agg["dirty"] or agg["w"] != msg["flush"]:
             return  # flushed already, or a newer window took over (it gets its own request)
-        await self._emit(key, agg)
+        try:
+            await self._emit(key, agg)
+        except BaseException:
+            self._requested.pop(key, None)  # ask again: the window is still pending
+            raise
         self._mark_clean(key, agg)
 
     async def handle(self, offset: int, partition: int, timestamp: float | None, key: bytes, value: bytes) -> None:
@@ -164,13 +186,34 @@ class SeriesStage:
             await self._on_instance(offset, partition, timestamp, key, msg)
 
     async def consume(self, stream: StreamT[Any]) -> None:
-        async for event in stream.events():
+        """Every event is acked only after it was handled: faust's ``events()`` acks in a
+        ``finally``, so an exception (PostgreSQL or the broker unavailable) would otherwise
+        ack an instance that no window holds. Failures are retried; a stop or rebalance
+        gives up without acking (the next owner replays from the committed offset)."""
+        manual = cast(Stream[Any], stream).noack()
+        should_stop = stopping(self.app)
+        async for event in manual.events():
             m = event.message
-            _, missing = await self.guard.check(m.partition, m.offset)
-            for r in missing:  # same partition: table writes still land on the right changelog partition
-                await self.handle(r.offset, r.partition, r.timestamp, r.key or b"", r.value)
-            key = event.key if isinstance(event.key, bytes) else str(event.key).encode()
-            await self.handle(m.offset, m.partition, m.timestamp, key, event.value)
+            try:
+                _, missing = await retry_until_done(partial(self.guard.check, m.partition, m.offset),
+                                                    what="series gap check", should_stop=should_stop)
+                # Idempotent: an event at or below a window's last applied offset is skipped.
+                await retry_until_done(partial(self._handle_event, event, missing),
+                                       what=f"series event offset={m.offset}", should_stop=should_stop)
+            except RetryAborted as exc:
+                log.warning("series event released unacked partition=%s offset=%s reason=%s", m.partition,
+                            m.offset, exc)
+                self.guard.forget([TP(SERIES_INSTANCES, m.partition)])
+                release(self.app, [event])
+                continue
+            await manual.ack(event)
+
+    async def _handle_event(self, event: EventT, missing: list[Record]) -> None:
+        for r in missing:  # same partition: table writes land on the right changelog partition
+            await self.handle(r.offset, r.partition, r.timestamp, r.key or b"", r.value)
+        m = event.message
+        key = event.key if isinstance(event.key, bytes) else str(event.key).encode()
+        await self.handle(m.offset, m.partition, m.timestamp, key, event.value)
 
     def _active_partitions(self) -> frozenset[int]:
         actives = self.app.assignor.assigned_actives()
@@ -188,6 +231,9 @@ class SeriesStage:
             for key, agg in self.tables.iter_windows():
                 if agg.get("dirty"):
                     self._dirty[key] = (agg["w"], agg["off"], agg["p"])
+        # For the relay's drained check: a worker between assignment and its first look at the
+        # table, or with a window not yet flushed, is not settled.
+        self.counters["windows_unsettled"] = len(self._dirty) + (1 if getattr(self.app, "rebalancing", False) else 0)
         owned = self._active_partitions()
         now = time.time()
         for key, (w, off, partition) in list(self._dirty.items()):

@@ -166,8 +166,9 @@ def relay() -> None:
     import asyncio
     import signal
 
+    from dicomflow.stack import read_stack_file
     from feeders.publisher import EventPublisher
-    from feeders.relay import BrokerLag, Relay
+    from feeders.relay import BrokerLag, Relay, WorkersSettled
     from streams.topology import consumed_topics
 
     settings = _settings()
@@ -177,7 +178,9 @@ def relay() -> None:
         publisher = EventPublisher(settings.broker_url, settings.profile, partitions=settings.partitions)
         await publisher.start()
         lag = BrokerLag(settings.broker_url, settings.app_id, list(consumed_topics(settings.doris_enabled)))
-        relay = Relay(settings.journal_dir, publisher, lag, settle_s=settings.series_window_seconds + 2.0)
+        workers = WorkersSettled(lambda: [w["metrics"] for w in read_stack_file(settings.home).get("workers", [])])
+        relay = Relay(settings.journal_dir, publisher, lag, settle_s=settings.series_window_seconds + 2.0,
+                      workers=workers)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

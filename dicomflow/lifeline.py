@@ -21,13 +21,17 @@ _PR_SET_PDEATHSIG = 1
 
 def tied_to(parent_pid: int, sig: int = signal.SIGTERM) -> Callable[[], None]:
     """A ``preexec_fn`` that makes the child receive ``sig`` when ``parent_pid`` dies."""
+    # Looked up here, before the fork: find_library runs a subprocess, which the forked child
+    # of a threaded parent must not do.
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        prctl = None
 
     def preexec() -> None:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-        except (OSError, AttributeError):
+        if prctl is None:
             return
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
         # The parent may have died between fork and prctl: then nobody would signal us.
         if os.getppid() != parent_pid:
             os.kill(os.getpid(), sig)

@@ -237,7 +237,11 @@ class Stack:
         if self.broker is not None and not self.broker.running():
             self.echo("dicomflow: the embedded broker died; starting a new one and restarting the relay and "
                       "the workers on it (the journal is published again from its checkpoint)")
-            self.broker.start()
+            try:
+                self.broker.start()
+            except Exception as exc:  # never let supervision die: try again at the next check
+                self.echo(f"dicomflow: the broker did not start again ({exc}); retrying")
+                return
             for child in self.children:
                 if child.name != "scp" and child.running:
                     with contextlib.suppress(ProcessLookupError):
@@ -246,8 +250,8 @@ class Stack:
             self.echo("dicomflow: the embedded PostgreSQL stopped; starting it again")
             try:
                 self.postgres.start()
-            except DicomflowError as exc:
-                self.echo(f"dicomflow: PostgreSQL did not start again: {exc.message}")
+            except Exception as exc:  # never let supervision die: try again at the next check
+                self.echo(f"dicomflow: PostgreSQL did not start again ({exc}); retrying")
 
     def tend(self, now: float) -> None:
         """Notice dead children and restart them when their backoff has passed."""

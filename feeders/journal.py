@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import os
 import threading
 import time
@@ -30,6 +31,8 @@ from schemas import codec
 
 __all__ = ["JournalWriter", "JournalPublisher", "Checkpoint", "journal_files", "journal_id", "read_lines",
            "writer_gone", "CLOSED_SUFFIX"]
+
+log = logging.getLogger(__name__)
 
 #: A writer that stopped renames its file to this suffix: nothing will be appended any more.
 CLOSED_SUFFIX = ".closed.jsonl"
@@ -65,13 +68,24 @@ class JournalWriter:
         _fsync_dir(self.directory)  # the file itself must survive a power loss, not only its lines
 
     def append(self, line: bytes) -> None:
+        """Write one line whole and fsync it; on any failure the file is cut back to before it,
+        so a half-written line never hides the next ones (and the caller answers failure)."""
         if b"\n" in line:
-            raise ValueError("a journal line must not contain a newline")
+            raise BrokerError("a journal line must not contain a newline")
+        data = memoryview(line + b"\n")
         with self._lock:
             if self._fd is None:
                 raise BrokerError("the journal is not open")
-            os.write(self._fd, line + b"\n")
-            os.fsync(self._fd)
+            start = os.lseek(self._fd, 0, os.SEEK_END)
+            try:
+                while data:
+                    written = os.write(self._fd, data)
+                    data = data[written:]
+                os.fsync(self._fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, start)
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -140,6 +154,23 @@ def writer_gone(path: Path) -> bool:
     return False
 
 
+def complete_size(path: Path) -> int:
+    """Bytes up to the last complete line: a writer killed mid-line leaves a tail that is not one."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        back = min(size, 1 << 16)
+        while back:
+            f.seek(size - back)
+            chunk = f.read(back)
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                return size - back + cut + 1
+            if back == size:
+                return 0
+            back = min(size, back * 2)
+    return 0
+
+
 def journal_files(directory: Path) -> list[Path]:
     """Every journal file, oldest first (by the start time in its name)."""
     if not directory.is_dir():
@@ -178,8 +209,12 @@ def read_lines(path: Path, start: int) -> Iterator[Line]:
             pos += len(text)
             try:
                 doc = json.loads(text)
-            except ValueError:
-                continue  # cannot happen for lines we wrote whole; never stop the relay on it
+                if not isinstance(doc, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                # Cannot happen for lines written whole; never stop the relay on one, but say so.
+                log.error("journal line not decodable file=%s end=%s: %s", path.name, pos, exc)
+                continue
             exact = base64.b64decode(doc["raw_b64"]) if doc.get("raw_b64") else None
             yield Line(doc.get("key"), doc.get("event") or {}, pos, exact)
 

@@ -16,13 +16,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from feeders.journal import Checkpoint, journal_files, journal_id, read_lines, writer_gone
+from core.errors import BrokerError
+from feeders.journal import Checkpoint, complete_size, journal_files, journal_id, read_lines, writer_gone
 from streams.broker import bootstrap_of, committed_offsets, end_offsets
 
-__all__ = ["Relay", "LagProbe", "BrokerLag"]
+__all__ = ["Relay", "LagProbe", "BrokerLag", "WorkersSettled"]
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +52,68 @@ class BrokerLag:
 
     async def total_lag(self) -> int:
         ends = await end_offsets(self.bootstrap, self.topics)
+        missing = set(self.topics) - {tp.topic for tp in ends}
+        if missing:  # not created yet, or the broker is restarting: nothing proves a drain
+            raise BrokerError(f"topics not in the broker's metadata: {sorted(missing)}")
         committed = await committed_offsets(self.bootstrap, self.group, list(ends))
         return sum(max(0, end - committed.get(tp, 0)) for tp, end in ends.items())
 
 
+class SettledProbe(Protocol):
+    async def settled(self) -> bool: ...
+
+
+class WorkersSettled:
+    """Every worker reachable, and none with a series window still open (``windows_unsettled``).
+
+    Zero lag alone does not prove a drain: an instance is acked once it is in a window, and
+    the window reaches PostgreSQL only at its flush. A worker that is down, restarting or
+    recovering its tables cannot say, so it fails the check (fail closed).
+    """
+
+    def __init__(self, metrics_urls: Callable[[], list[str]], *, timeout_s: float = 2.0) -> None:
+        self.metrics_urls = metrics_urls
+        self.timeout_s = timeout_s
+
+    async def settled(self) -> bool:
+        urls = self.metrics_urls()
+        if not urls:
+            return False
+        for url in urls:
+            try:
+                text = await asyncio.to_thread(self._fetch, url)
+            except OSError:
+                return False
+            pending = _unsettled(text)
+            if pending is None or pending > 0:
+                return False
+        return True
+
+    def _fetch(self, url: str) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(url, timeout=self.timeout_s) as resp:  # noqa: S310 - the stack's own workers
+            return str(resp.read().decode())
+
+
+def _unsettled(text: str) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (sample.name.startswith("dicomflow_stage_events") and sample.labels.get("stage") == "series_window"
+                    and sample.labels.get("what") == "windows_unsettled"):
+                return float(sample.value)
+    return None
+
+
 class Relay:
     def __init__(self, directory: Path, publisher: EventSink, lag: LagProbe, *, settle_s: float,
-                 interval_s: float = 0.5) -> None:
+                 interval_s: float = 0.5, workers: SettledProbe | None = None) -> None:
         self.directory = directory
         self.publisher = publisher
         self.lag = lag
+        self.workers = workers
         self.settle_s = settle_s
         self.interval_s = interval_s
         self.checkpoint = Checkpoint(directory)
@@ -100,7 +154,9 @@ class Relay:
     def _all_published(self) -> bool:
         for path in journal_files(self.directory):
             try:
-                size = path.stat().st_size
+                # A file nothing appends to any more may end in half a line (its writer was
+                # killed mid-write): that tail was never acknowledged and never will be a line.
+                size = complete_size(path) if writer_gone(path) else path.stat().st_size
             except FileNotFoundError:
                 return False
             if self.published.get(journal_id(path), 0) < size:
@@ -118,6 +174,9 @@ class Relay:
             self._quiet_since = now
         if now - self._quiet_since < self.settle_s:
             return False
+        if self.workers is not None and not await self.workers.settled():
+            self._quiet_since = None
+            return False
         if self.published != self.checkpoint.positions:
             self.checkpoint.save(self.published)
             self.counters["checkpoints"] += 1
@@ -131,7 +190,7 @@ class Relay:
         for path in journal_files(self.directory):
             fid = journal_id(path)
             try:
-                done = self.checkpoint.get(fid) >= path.stat().st_size
+                done = self.checkpoint.get(fid) >= complete_size(path)
             except FileNotFoundError:
                 continue
             if done and writer_gone(path):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -22,7 +24,7 @@ from sinks.base import Backoff
 from sinks.pg_pool import LazyPool
 from sinks.postgres import apply_schema
 
-__all__ = ["SeriesFacts"]
+__all__ = ["SeriesFacts", "SeriesFact"]
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +33,24 @@ _RECORD = (
     "SELECT $1, $2, $3, unnest($4::text[]) ON CONFLICT DO NOTHING"
 )
 _COUNT = "SELECT count(*) FROM dicom_series_instance WHERE tenant_id = $1 AND study_uid = $2 AND series_uid = $3"
+# First in the transaction: its row lock serialises two flushes of one series (old and new
+# owner during a rebalance), so the count that follows sees the other one's instances.
 _NEXT_VERSION = (
-    "INSERT INTO dicom_series_version AS v (tenant_id, study_uid, series_uid, version) VALUES ($1, $2, $3, 1) "
-    "ON CONFLICT (tenant_id, study_uid, series_uid) DO UPDATE SET version = v.version + 1 RETURNING version"
+    "INSERT INTO dicom_series_version AS v (tenant_id, study_uid, series_uid, version, created_time) "
+    "VALUES ($1, $2, $3, 1, $4::timestamp) "
+    "ON CONFLICT (tenant_id, study_uid, series_uid) DO UPDATE SET version = v.version + 1 "
+    "RETURNING version, created_time"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesFact:
+    """What PostgreSQL knows of a series after a flush."""
+
+    count: int
+    version: int
+    #: The created_time of the series' first state (kept: windows come and go).
+    created: datetime | None
 
 
 class SeriesFacts:
@@ -54,26 +70,27 @@ class SeriesFacts:
     async def stop(self) -> None:
         await self._pool.stop()
 
-    async def record(self, tenant: str, study: str, series: str, sop_uids: Sequence[str]) -> tuple[int, int]:
+    async def record(self, tenant: str, study: str, series: str, sop_uids: Sequence[str],
+                     created: str | None = None) -> SeriesFact:
         """Add ``sop_uids`` to the series' facts (idempotent); return its exact instance count and
         its next version (one more at every call: what orders the series' states)."""
         try:
             pool = await self._pool.get()
             async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
+                row = await conn.fetchrow(_NEXT_VERSION, tenant, study, series, created)
                 if sop_uids:
                     await conn.execute(_RECORD, tenant, study, series, list(sop_uids))
                 count = await conn.fetchval(_COUNT, tenant, study, series)
-                version = await conn.fetchval(_NEXT_VERSION, tenant, study, series)
         except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError,
                 asyncpg.exceptions.CannotConnectNowError) as exc:
             raise SinkRetryableError(f"series facts: {type(exc).__name__}: {exc}") from exc
         except asyncpg.PostgresError as exc:
             raise SinkError(f"series facts: {type(exc).__name__}: {exc}") from exc
         self.counters["recorded_batches"] += 1
-        return int(count), int(version)
+        return SeriesFact(int(count), int(row["version"]), row["created_time"])
 
     async def record_with_retry(self, tenant: str, study: str, series: str, sop_uids: Sequence[str],
-                                should_stop: Callable[[], bool]) -> tuple[int, int]:
+                                created: str | None, should_stop: Callable[[], bool]) -> SeriesFact:
         """:meth:`record`, retried with capped backoff until it succeeds or the worker stops.
 
         The caller's event is not acknowledged meanwhile, so a stop replays it later.
@@ -81,7 +98,7 @@ class SeriesFacts:
         backoff = Backoff()
         while True:
             try:
-                return await self.record(tenant, study, series, sop_uids)
+                return await self.record(tenant, study, series, sop_uids, created)
             except SinkError as exc:
                 if should_stop():
                     raise

@@ -102,3 +102,36 @@ async def test_a_dead_writers_file_is_deleted_once_checkpointed(tmp_path: Path) 
     assert not await relay.step(0.0)
     assert await relay.step(0.1)
     assert [e["trace_id"] for _, e in broker.sent] == ["x"] and not dead.exists()
+
+
+async def test_a_half_line_left_by_a_killed_writer_does_not_stop_checkpoints(tmp_path: Path) -> None:
+    dead = tmp_path / f"scp-{1}-{2**22 + 12346}.jsonl"
+    dead.write_bytes(orjson.dumps({"key": None, "event": {"trace_id": "whole"}}) + b"\n" + b'{"key": null, "ev')
+    broker = Broker()
+    relay = Relay(tmp_path, broker, broker, settle_s=0.0)
+    relay.start()
+    assert not await relay.step(0.0)
+    assert await relay.step(0.1)  # the half line was never acknowledged: drained without it
+    assert [e["trace_id"] for _, e in broker.sent] == ["whole"] and not dead.exists()
+
+
+async def test_the_relay_does_not_checkpoint_while_a_worker_cannot_say_it_is_settled(tmp_path: Path) -> None:
+    class Workers:
+        answer = False
+
+        async def settled(self) -> bool:
+            return self.answer
+
+    journal = JournalPublisher(tmp_path, "scp")
+    await journal.start()
+    await journal.publish({"trace_id": "t"}, None)
+    broker, workers = Broker(), Workers()
+    relay = Relay(tmp_path, broker, broker, settle_s=0.0, workers=workers)
+    relay.start()
+    await relay.step(0.0)
+    assert not await relay.step(0.1) and not await relay.step(5.0)  # a window may still be open
+    assert Checkpoint(tmp_path).load().positions == {}
+    workers.answer = True
+    assert await relay.step(6.0)
+    assert Checkpoint(tmp_path).load().positions
+    await journal.stop()

@@ -71,8 +71,11 @@ CREATE TABLE IF NOT EXISTS dicom_series_version
     study_uid                varchar(64) not null,
     series_uid               varchar(64) not null,
     version                  bigint      not null,
+    created_time             timestamp,
     primary key (tenant_id, study_uid, series_uid)
 );
+
+ALTER TABLE dicom_series_version ADD COLUMN IF NOT EXISTS created_time timestamp;
 
 CREATE TABLE IF NOT EXISTS dicom_series_instance
 (
