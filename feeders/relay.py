@@ -4,10 +4,11 @@ It publishes every complete journal line not yet published by this process (a re
 relay starts again from the checkpoint: the broker it talks to may be a fresh one), and
 it moves the checkpoint forward only at a drained point: every journal line published,
 and the app's consumer group with no lag on any topic it reads, continuously for longer
-than a series window (a window that is still open would send its flush request within
-that time, which shows as lag). At that point every event before the checkpoint is in
-PostgreSQL and Doris, so nothing of value is left only in the broker, and files that
-are closed and fully checkpointed are deleted.
+than a series window, and every worker reachable and reporting no open series window
+(``WorkersSettled``). At that point every event before the checkpoint is in PostgreSQL
+and Doris, and files that are closed and fully checkpointed are deleted. What then
+lives only in the embedded broker is the dead-letter topics (a reset broker loses them;
+the transfer log in Doris keeps a row for every refused event, with its code).
 """
 
 from __future__ import annotations
