@@ -53,6 +53,16 @@ class SeriesFact:
     created: datetime | None
 
 
+def _timestamp(text: str | None) -> datetime | None:
+    """The wire form of a datetime (``YYYY-MM-DD HH:MM:SS[.ffffff]``) as asyncpg wants it."""
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
 class SeriesFacts:
     """Records instances of a series and returns its exact count. I/O only from :meth:`start`."""
 
@@ -77,7 +87,7 @@ class SeriesFacts:
         try:
             pool = await self._pool.get()
             async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
-                row = await conn.fetchrow(_NEXT_VERSION, tenant, study, series, created)
+                row = await conn.fetchrow(_NEXT_VERSION, tenant, study, series, _timestamp(created))
                 if sop_uids:
                     await conn.execute(_RECORD, tenant, study, series, list(sop_uids))
                 count = await conn.fetchval(_COUNT, tenant, study, series)
