@@ -182,9 +182,12 @@ class EmbeddedPostgres:
         log.info("embedded postgres stopped pgdata=%s mode=%s", self.pgdata, mode)
 
     def running(self) -> bool:
+        """A server runs on this cluster and answers on its port (a killed postmaster can linger
+        in the lock file, or as a zombie, for a while: that is not running)."""
         if not (self.pgdata / "PG_VERSION").exists():
             return False
-        return self._running_port(postgres_bin_dir(), self._server_user(create=False)) is not None
+        port = self._running_port(postgres_bin_dir(), self._server_user(create=False))
+        return port is not None and wait_for_port(HOST, port, 1.0)
 
     def __enter__(self) -> EmbeddedPostgres:
         return self.start()
@@ -286,6 +289,11 @@ class EmbeddedPostgres:
                 port = int(saved.read_text().strip())
             except ValueError:
                 port = 0
+            # The same port as before when it frees up in time: after a crash, clients of the
+            # stack still hold the old DSN, and the socket can linger for a moment.
+            deadline = time.monotonic() + 15.0
+            while port and not _port_free(port) and time.monotonic() < deadline:
+                time.sleep(0.25)
             if port and _port_free(port):
                 return port
         return free_port()

@@ -57,7 +57,10 @@ def _postmaster(home: Path) -> int | None:
 
 
 async def _pg_counts(up: UpProcess) -> dict[str, int]:
-    conn = await asyncpg.connect((up.home / "postgres.dsn").read_text())
+    try:
+        conn = await asyncpg.connect((up.home / "postgres.dsn").read_text())
+    except OSError:  # PostgreSQL is being brought back by up
+        return {}
     try:
         rows = await conn.fetch("SELECT series_uid, series_related_instances FROM dicom_state_meta")
     except asyncpg.UndefinedTableError:
@@ -78,7 +81,8 @@ async def _eventually(check, timeout: float, what: str) -> None:  # type: ignore
     raise AssertionError(f"{what}: {last}")
 
 
-@pytest.mark.parametrize("stop", ["sigterm", "sigkill_all", "sigkill_worker", "sigkill_broker", "sigkill_scp"])
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill_all", "sigkill_worker", "sigkill_broker", "sigkill_scp",
+                                  "sigkill_postgres"])
 async def test_acknowledged_instances_survive_every_stop(stop: str, tmp_path: Path, ct_small: Path,
                                                          doris_emulator: DorisEmulator) -> None:
     doris = {"DICOMFLOW_DORIS_FE_URL": doris_emulator.fe_url, "DICOMFLOW_DORIS_USER": doris_emulator.user,
@@ -112,6 +116,10 @@ async def test_acknowledged_instances_survive_every_stop(stop: str, tmp_path: Pa
             child = {"sigkill_worker": "worker-0", "sigkill_scp": "scp"}.get(stop)
             if child is not None:
                 os.killpg(up.stack()["children"][child]["pid"], signal.SIGKILL)
+            elif stop == "sigkill_postgres":
+                postmaster = _postmaster(up.home)
+                assert postmaster, "no postmaster"
+                os.kill(postmaster, signal.SIGKILL)
             else:
                 broker = [p for p in _tree_pids(up.proc.pid) if "tansu" in open(f"/proc/{p}/cmdline").read()]
                 assert broker, "no broker process"
@@ -123,7 +131,9 @@ async def test_acknowledged_instances_survive_every_stop(stop: str, tmp_path: Pa
             up = again
             await up.start()
         else:
-            await up.wait_for(lambda: "restarted" in up.text() or "starting a new one" in up.text(), 60)
+            # up noticed and brought the dead part back (its own log line for each)
+            await up.wait_for(lambda: any(line in up.text() for line in (
+                "restarted (pid", "starting a new one", "starting it again")), 60)
         # the stack serves: one series grows after the stop, one instance comes again
         await _eventually(lambda: _send(grow, up), 60, "the SCP took the new instances")
 
