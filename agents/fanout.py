@@ -158,8 +158,8 @@ def process(raw: bytes, key: bytes | None, *, storage_root: Path, worker: str,
     series = result.state.key.encode()
     # Each record goes to the topic it declares; a per-series record goes to the series
     # window first, which debounces it and sends it on to its topic.
-    outputs = [Output(record.TOPIC, series, codec.dumps(record)) for record in result.records()
-               if not record.PER_SERIES]
+    outputs = [Output(record.ROUTE.topic, series, codec.dumps(record)) for record in result.records()
+               if not record.ROUTE.per_series]
     instance = {"sop_uid": result.image.sop_uid, "trace_id": event.trace_id, "state": result.state}
     outputs.append(Output(SERIES_INSTANCES, series, codec.dumps(instance)))
     return Outcome(outputs, None, event.trace_id)

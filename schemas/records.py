@@ -18,6 +18,7 @@ __all__ = [
     "DicomObjectMeta",
     "StorageEvent",
     "OUTPUT_RECORDS",
+    "Route",
     "bounds",
     "series_key",
 ]
@@ -36,6 +37,18 @@ def bounds(cls: type) -> dict[str, int]:
 def series_key(tenant_id: str, study_uid: str, series_uid: str) -> str:
     """The message key that keeps one series in one partition."""
     return f"{tenant_id}/{study_uid}/{series_uid}"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where an output record goes: its topic and the Doris table kind (``dicom_{kind}_meta``)."""
+
+    topic: str
+    doris_kind: str | None = None
+    #: Debounced per series (by the series window) before it reaches its topic.
+    per_series: bool = False
+    #: Loaded into a DUPLICATE KEY table: de-duplicated by (trace id, status).
+    dedup_trace: bool = False
 
 
 @dataclass(slots=True)
@@ -71,12 +84,8 @@ class _MaybeSeriesKey:
 class DicomStateMeta(_SeriesRow):
     """Series-level state (PostgreSQL and Doris ``dicom_state_meta``)."""
 
-    #: Output topic; Doris table kind (``dicom_{kind}_meta``); debounced per series by the
-    #: series window before it reaches its topic; read by the series index (PostgreSQL).
-    TOPIC: ClassVar[str] = "dicom_state_queue"
-    DORIS_KIND: ClassVar[str | None] = "state"
-    PER_SERIES: ClassVar[bool] = True
-    DEDUP_TRACE: ClassVar[bool] = False
+    #: Debounced per series by the series window before it reaches its topic.
+    ROUTE: ClassVar[Route] = Route("dicom_state_queue", "state", per_series=True)
 
     study_uid_hash: str = field(metadata=_len(20))
     series_uid_hash: str = field(metadata=_len(20))
@@ -114,10 +123,7 @@ class DicomStateMeta(_SeriesRow):
 class DicomImageMeta(_SeriesRow):
     """Instance-level image metadata (Doris ``dicom_image_meta``)."""
 
-    TOPIC: ClassVar[str] = "dicom_image_queue"
-    DORIS_KIND: ClassVar[str | None] = "image"
-    PER_SERIES: ClassVar[bool] = False
-    DEDUP_TRACE: ClassVar[bool] = False
+    ROUTE: ClassVar[Route] = Route("dicom_image_queue", "image")
 
     sop_uid: str = field(metadata=_len(64))
     study_uid_hash: str = field(metadata=_len(20))
@@ -163,12 +169,9 @@ class DicomObjectMeta(_MaybeSeriesKey):
     ``SUCCESS`` or the error code that dead-lettered the event.
     """
 
-    TOPIC: ClassVar[str] = "log_queue"
-    DORIS_KIND: ClassVar[str | None] = "object"
-    PER_SERIES: ClassVar[bool] = False
     #: A DUPLICATE KEY table: a row replayed after a crash would be a second row, so the
     #: sink de-duplicates by (trace id, transfer status).
-    DEDUP_TRACE: ClassVar[bool] = True
+    ROUTE: ClassVar[Route] = Route("log_queue", "object", dedup_trace=True)
 
     trace_id: str = field(metadata=_len(36))
     worker_node_id: str = field(metadata=_len(64))
@@ -228,5 +231,5 @@ class StorageEvent(_MaybeSeriesKey):
 
 
 #: The records one stored instance becomes, in the order their outputs are produced. A new
-#: output is a record class here (with its TOPIC and DORIS_KIND) built by dicom/extract.py.
+#: output is a record class here (with its ROUTE) built by dicom/extract.py.
 OUTPUT_RECORDS: tuple[type[Any], ...] = (DicomStateMeta, DicomImageMeta, DicomObjectMeta)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.records import OUTPUT_RECORDS, DicomImageMeta, DicomObjectMeta, DicomStateMeta
+from schemas.records import OUTPUT_RECORDS, DicomImageMeta, DicomObjectMeta, DicomStateMeta, Route
 
 __all__ = ["TopicSpec", "TOPICS", "ALL_TOPICS", "BY_NAME", "DORIS_OUTPUTS", "consumed_topics",
            "STORAGE", "STATE", "IMAGE", "LOG", "DLQ", "SERIES_INSTANCES", "SINK_DLQ", "DORIS_INTENTS",
@@ -45,9 +45,9 @@ class TopicSpec:
 
 STORAGE = "storage_queue"
 SERIES_INSTANCES = "dicomflow_series_instances"
-STATE = DicomStateMeta.TOPIC
-IMAGE = DicomImageMeta.TOPIC
-LOG = DicomObjectMeta.TOPIC
+STATE = DicomStateMeta.ROUTE.topic
+IMAGE = DicomImageMeta.ROUTE.topic
+LOG = DicomObjectMeta.ROUTE.topic
 DLQ = "storage_queue_dlq"
 SINK_DLQ = "dicomflow_sink_dlq"
 DORIS_INTENTS = "dicomflow_doris_intents"
@@ -56,10 +56,10 @@ INCARNATION = "dicomflow_incarnation"
 
 def _output(record: Any) -> TopicSpec:
     """An output topic, as its record declares it (schemas/records.py)."""
-    per_series: bool = record.PER_SERIES
-    return TopicSpec(record.TOPIC, "series key" if per_series else "series key (trace id for failures)",
-                     record.__name__, consumed=per_series, consumed_by_doris=not per_series,
-                     doris_kind=record.DORIS_KIND, dedup_trace=record.DEDUP_TRACE,
+    route: Route = record.ROUTE
+    return TopicSpec(route.topic, "series key" if route.per_series else "series key (trace id for failures)",
+                     record.__name__, consumed=route.per_series, consumed_by_doris=not route.per_series,
+                     doris_kind=route.doris_kind, dedup_trace=route.dedup_trace,
                      why=(record.__doc__ or "").strip().splitlines()[0])
 
 
