@@ -59,7 +59,7 @@ def _postmaster(home: Path) -> int | None:
 async def _pg_counts(up: UpProcess) -> dict[str, int]:
     try:
         conn = await asyncpg.connect((up.home / "postgres.dsn").read_text())
-    except OSError:  # PostgreSQL is being brought back by up
+    except (OSError, asyncpg.CannotConnectNowError):  # PostgreSQL is being brought back by up
         return {}
     try:
         rows = await conn.fetch("SELECT series_uid, series_related_instances FROM dicom_state_meta")
