@@ -340,5 +340,13 @@ def _print_human(out: dict[str, Any]) -> None:
                 click.echo(f"    {name:28} {value}")
 
 
+def _add_module_commands() -> None:
+    from dicomflow.commands import add_all
+
+    add_all(main)
+
+
+_add_module_commands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()
