@@ -99,6 +99,17 @@ def mask_dsn(dsn: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+# -- series index (issue #17) --
+_INDEX_SCHEMES = {"postgresql": "postgres", "postgres": "postgres", "mysql": "mysql", "mariadb": "mysql"}
+
+
+def index_kind(dsn: str) -> str | None:
+    """``postgres`` or ``mysql`` for a series-index DSN by its scheme; None for anything else."""
+    scheme = dsn.split("://", 1)[0].lower() if "://" in dsn else ""
+    return _INDEX_SCHEMES.get(scheme)
+# -- end series index --
+
+
 #: Doris database and table names go into the Stream Load URL: identifiers only.
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
@@ -309,6 +320,9 @@ class Settings:
     journal: bool = False
     #: How long the relay waits at shutdown for the pipeline to drain before it stops anyway.
     relay_drain_seconds: float = 45.0
+    #: ``up`` recycles the embedded broker (which never frees what it stored) at a drained
+    #: point once its resident memory passes this many MB (DICOMFLOW_BROKER_RECYCLE_MB; 0: never).
+    broker_recycle_mb: int = 256
     tansu_log: str = "warn"
     #: Stream Load redirect targets (host or host:port, lower case) that may receive the Doris
     #: credentials besides the FE's own host (DICOMFLOW_DORIS_BE_ALLOWLIST).
@@ -319,7 +333,19 @@ class Settings:
     tenant_by_cert_cn: dict[str, str] = field(default_factory=dict)
     #: TLS/SASL of every Kafka client (DICOMFLOW_BROKER_SECURITY_PROTOCOL, _SSL_CA, _SASL_*).
     broker_security: BrokerSecurity = field(default_factory=BrokerSecurity)
+    #: DICOMFLOW_INDEX_DSN as given (postgresql:// or mysql://); unset: the index is postgres_dsn.
+    index_url: Secret | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def index_dsn(self) -> Secret | None:
+        """The series index: DICOMFLOW_INDEX_DSN, else DICOMFLOW_POSTGRES_DSN (None: no index)."""
+        return self.index_url if self.index_url is not None else self.postgres_dsn
+
+    @property
+    def index_dsn_variable(self) -> str:
+        """The variable the index DSN came from, for error messages."""
+        return "DICOMFLOW_INDEX_DSN" if self.index_url is not None else "DICOMFLOW_POSTGRES_DSN"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -341,6 +367,12 @@ class Settings:
                 field="DICOMFLOW_BROKER",
             )
         dsn = env.get("DICOMFLOW_POSTGRES_DSN") or None
+        index_url = env.get("DICOMFLOW_INDEX_DSN") or None
+        if index_url is not None and index_kind(index_url) is None:
+            raise ConfigError(f"DICOMFLOW_INDEX_DSN must start with postgresql:// or mysql://, got "
+                              f"{mask_dsn(index_url)!r}", field="DICOMFLOW_INDEX_DSN")
+        if dsn is None and index_url is not None and index_kind(index_url) == "postgres":
+            dsn = index_url  # the PostgreSQL helpers (Doris loaded keys) use the index's server
         # DICOMFLOW_DORIS_<KIND>_TABLE renames the Doris table of any kind the topology loads.
         tables = {m.group(1).lower(): _identifier(name, value) for name, value in env.items() if value
                   and (m := re.fullmatch(r"DICOMFLOW_DORIS_([A-Z0-9]+)_TABLE", name))}
@@ -401,7 +433,9 @@ class Settings:
             workers=_int(env, "DICOMFLOW_WORKERS", 1, minimum=1),
             journal=_flag(env, "DICOMFLOW_JOURNAL", default=False),
             relay_drain_seconds=_float(env, "DICOMFLOW_RELAY_DRAIN_SECONDS", 45.0, minimum=0.0),
+            broker_recycle_mb=_int(env, "DICOMFLOW_BROKER_RECYCLE_MB", 256, minimum=0),
             tansu_log=env.get("TANSU_LOG") or "warn",
+            index_url=Secret(index_url) if index_url else None,
         )
 
     def doris_table(self, kind: str) -> str:
@@ -446,6 +480,7 @@ class Settings:
             "worker_id": self.worker_id,
             "series_window_seconds": self.series_window_seconds,
             "postgres_dsn": mask_dsn(self.postgres_dsn.get()) if self.postgres_dsn else "unset (PostgreSQL sink off)",
+            "index_dsn": mask_dsn(self.index_dsn.get()) if self.index_dsn else "unset (series index off)",
             "doris_fe_url": self.doris_fe_url or "off",
             "doris_user": self.doris_user,
             "doris_database": self.doris_database,

@@ -164,34 +164,43 @@ def up(workers: int | None) -> None:
 def relay() -> None:
     """Publish the journal to the broker and checkpoint it at drained points (run by `up`)."""
     import asyncio
+    import logging
     import signal
 
-    from dicomflow.stack import read_stack_file
+    from dicomflow.stack import RELAY_NOT_DRAINED, read_stack_file
+    from feeders.dlq_archive import DeadLetterArchive
     from feeders.publisher import EventPublisher
     from feeders.relay import BrokerLag, Relay, WorkersSettled
-    from streams.topology import consumed_topics
+    from streams.broker import bootstrap_of
+    from streams.topology import TOPICS, consumed_topics
 
     settings = _settings()
     _logging(settings.log_level)
+    # The lag probe joins the group's coordinator every round: aiokafka would log each time.
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
 
-    async def run() -> None:
+    async def run() -> bool:
         publisher = EventPublisher(settings.broker_url, settings.profile, partitions=settings.partitions)
         await publisher.start()
         lag = BrokerLag(settings.broker_url, settings.app_id, list(consumed_topics(settings.doris_enabled)))
         workers = WorkersSettled(lambda: [w["metrics"] for w in read_stack_file(settings.home).get("workers", [])])
+        archive = DeadLetterArchive(settings.home / "deadletters", bootstrap_of(settings.broker_url), publisher,
+                                    [t.name for t in TOPICS if t.dead_letters])
         relay = Relay(settings.journal_dir, publisher, lag, settle_s=settings.series_window_seconds + 2.0,
-                      workers=workers)
+                      workers=workers, archive=archive)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
             await relay.run(stop)
-            await relay.drain(settings.relay_drain_seconds)
+            return await relay.drain(settings.relay_drain_seconds)
         finally:
             await publisher.stop()
 
-    _run_or_exit(lambda: asyncio.run(run()))
+    # `up` recycles the broker only after a drained relay: the exit code says which it was.
+    if not _run_or_exit(lambda: asyncio.run(run())):
+        sys.exit(RELAY_NOT_DRAINED)
 
 
 @main.command()

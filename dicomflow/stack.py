@@ -29,7 +29,7 @@ from core.settings import Settings, child_env, mask_dsn
 from dicomflow.embedded.broker import EmbeddedBroker, embedded_broker_for
 from dicomflow.lifeline import tied_to
 
-__all__ = ["Stack", "StackError", "read_stack_file", "write_private"]
+__all__ = ["Stack", "StackError", "read_stack_file", "write_private", "RELAY_NOT_DRAINED"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,13 @@ SCP_GRACE_S = 15.0
 #: How often `up` checks that the embedded broker and PostgreSQL still run.
 SERVER_CHECK_S = 3.0
 DRAIN_S = 60.0
+#: The relay's exit code when it stopped before the pipeline drained (nothing is lost: the next
+#: relay publishes again from the checkpoint), which makes `up` put off a broker recycle.
+RELAY_NOT_DRAINED = 3
+#: How often `up` looks at the embedded broker's memory, and how long it waits after a recycle
+#: that could not drain before it tries again.
+RECYCLE_CHECK_S = 10.0
+RECYCLE_RETRY_S = 60.0
 
 
 def _alive(pid: int) -> bool:
@@ -115,6 +122,8 @@ class Stack:
     info: dict[str, Any] = field(default_factory=dict)
     _stopping: bool = False
     _next_server_check: float = 0.0
+    _next_recycle_check: float = 0.0
+    recycles: int = 0
 
     def check_not_running(self) -> None:
         """Refuse to start over a live stack on the same home; say what to do."""
@@ -253,9 +262,62 @@ class Stack:
             except Exception as exc:  # never let supervision die: try again at the next check
                 self.echo(f"dicomflow: PostgreSQL did not start again ({exc}); retrying")
 
+    def _tend_broker_memory(self, now: float) -> None:
+        """Recycle the embedded broker once its memory passes the cap (it never frees anything)."""
+        cap = self.settings.broker_recycle_mb * 1024 * 1024
+        if self.broker is None or cap <= 0 or now < self._next_recycle_check:
+            return
+        self._next_recycle_check = now + RECYCLE_CHECK_S
+        rss = self.broker.rss_bytes()
+        if rss > cap:
+            self.recycle_broker(f"its memory is {rss / 2**20:.0f} MB, above DICOMFLOW_BROKER_RECYCLE_MB="
+                                f"{self.settings.broker_recycle_mb}")
+
+    def recycle_broker(self, reason: str) -> bool:
+        """Replace the embedded broker with an empty one, at a drained point, losing nothing.
+
+        The SCP keeps accepting meanwhile: it acknowledges from the journal, not the broker.
+        1. The relay stops publishing and waits until the pipeline has processed everything it
+           published (no lag, every series window flushed), archives the dead letters and
+           checkpoints; if it cannot within its drain time, the recycle is put off.
+        2. The workers stop (they have nothing in flight), the broker is replaced, and the
+           workers and the relay start on the new one; the relay publishes the journal from the
+           checkpoint on (what the SCP accepted meanwhile) and restores the dead letters.
+        Returns True when the broker was replaced.
+        """
+        assert self.broker is not None
+        started = time.monotonic()
+        self.echo(f"dicomflow: recycling the embedded broker ({reason}); draining the pipeline first, "
+                  "the SCP keeps accepting")
+        relay = [c for c in self.children if c.name == "relay"]
+        workers = [c for c in self.children if c.name not in ("scp", "relay")]
+        self._terminate(relay, self.settings.relay_drain_seconds + 5.0, "the pipeline to drain")
+        if any(c.last_exit != 0 for c in relay):
+            codes = ", ".join(str(c.last_exit) for c in relay)
+            self.echo(f"dicomflow: the pipeline did not drain (relay exit code {codes}); broker recycle put off "
+                      f"{RECYCLE_RETRY_S:.0f} s (nothing is lost)")
+            for c in relay:
+                self._spawn(c)
+            self._next_recycle_check = time.monotonic() + RECYCLE_RETRY_S
+            self._write_state()
+            return False
+        self._terminate(workers, DRAIN_S, "the workers to stop")
+        self.broker.stop()
+        self.broker.start()
+        for c in workers + relay:
+            self._spawn(c)
+        self.recycles += 1
+        self.info["broker_recycles"] = self.recycles
+        self._write_state()
+        self.echo(f"dicomflow: embedded broker recycled in {time.monotonic() - started:.1f} s "
+                  f"(recycle {self.recycles})")
+        return True
+
     def tend(self, now: float) -> None:
         """Notice dead children and restart them when their backoff has passed."""
         self._tend_servers(now)
+        if not self._stopping:
+            self._tend_broker_memory(now)
         changed = False
         for child in self.children:
             if child.proc is not None and child.restart_at is None and child.proc.poll() is not None:
@@ -305,6 +367,9 @@ class Stack:
         started = time.monotonic()
         next_note = started + 5.0
         while live:
+            for c in live:
+                if not c.running and c.proc is not None:
+                    c.last_exit = c.proc.returncode
             live = [c for c in live if c.running]
             now = time.monotonic()
             if live and now >= started + grace:
@@ -313,6 +378,7 @@ class Stack:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(c.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
                     c.proc.wait()  # type: ignore[union-attr]
+                    c.last_exit = c.proc.returncode  # type: ignore[union-attr]
                 break
             if live and now >= next_note:
                 self.echo(f"dicomflow: waiting for {what} ({', '.join(c.name for c in live)}, "

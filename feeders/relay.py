@@ -6,9 +6,9 @@ it moves the checkpoint forward only at a drained point: every journal line publ
 and the app's consumer group with no lag on any topic it reads, continuously for longer
 than a series window, and every worker reachable and reporting no open series window
 (``WorkersSettled``). At that point every event before the checkpoint is in PostgreSQL
-and Doris, and files that are closed and fully checkpointed are deleted. What then
-lives only in the embedded broker is the dead-letter topics (a reset broker loses them;
-the transfer log in Doris keeps a row for every refused event, with its code).
+and Doris, and files that are closed and fully checkpointed are deleted. Dead letters are
+copied to an archive on disk before every checkpoint (feeders/dlq_archive.py), so after a
+checkpoint nothing of value lives only in the embedded broker: ``up`` may then recycle it.
 """
 
 from __future__ import annotations
@@ -58,6 +58,18 @@ class BrokerLag:
             raise BrokerError(f"topics not in the broker's metadata: {sorted(missing)}")
         committed = await committed_offsets(self.bootstrap, self.group, list(ends))
         return sum(max(0, end - committed.get(tp, 0)) for tp, end in ends.items())
+
+
+class LetterArchive(Protocol):
+    """Where dead letters outlive the broker (feeders/dlq_archive.py)."""
+
+    def start(self) -> None: ...
+
+    async def sync(self) -> int: ...
+
+
+#: How often the relay copies new dead letters to the archive (and always before a checkpoint).
+ARCHIVE_EVERY_S = 5.0
 
 
 class SettledProbe(Protocol):
@@ -110,13 +122,15 @@ def _unsettled(text: str) -> float | None:
 
 class Relay:
     def __init__(self, directory: Path, publisher: EventSink, lag: LagProbe, *, settle_s: float,
-                 interval_s: float = 0.5, workers: SettledProbe | None = None) -> None:
+                 interval_s: float = 0.5, workers: SettledProbe | None = None,
+                 archive: LetterArchive | None = None) -> None:
         self.directory = directory
         self.publisher = publisher
         self.lag = lag
         self.workers = workers
         self.settle_s = settle_s
         self.interval_s = interval_s
+        self.archive = archive
         self.checkpoint = Checkpoint(directory)
         self.published: dict[str, int] = {}
         self.counters = {"published": 0, "checkpoints": 0, "files_deleted": 0}
@@ -164,11 +178,16 @@ class Relay:
                 return False
         return True
 
-    async def step(self, now: float) -> bool:
-        """One round: publish, look at the lag, checkpoint at a drained point. True when drained."""
-        sent = await self.publish_new()
+    async def step(self, now: float, *, frozen: bool = False) -> bool:
+        """One round: publish, look at the lag, checkpoint at a drained point. True when drained.
+
+        ``frozen``: publish nothing new and checkpoint what was published once the pipeline has
+        processed it. Lines appended meanwhile are left for the next relay; that is how a drain
+        ends while the SCP keeps accepting (and journaling) instances.
+        """
+        sent = 0 if frozen else await self.publish_new()
         lag = await self.lag.total_lag()
-        if sent or lag or not self._all_published():
+        if sent or lag or (not frozen and not self._all_published()):
             self._quiet_since = None
             return False
         if self._quiet_since is None:
@@ -178,6 +197,9 @@ class Relay:
         if self.workers is not None and not await self.workers.settled():
             self._quiet_since = None
             return False
+        if self.archive is not None:
+            # Every letter of a checkpointed event is archived: it is never published again.
+            await self.archive.sync()
         if self.published != self.checkpoint.positions:
             self.checkpoint.save(self.published)
             self.counters["checkpoints"] += 1
@@ -204,8 +226,14 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> None:
         self.start()
+        if self.archive is not None:
+            self.archive.start()
+        next_archive = 0.0
         while not stop.is_set():
             try:
+                if self.archive is not None and time.monotonic() >= next_archive:
+                    await self.archive.sync()
+                    next_archive = time.monotonic() + ARCHIVE_EVERY_S
                 await self.step(time.monotonic())
             except Exception as exc:  # the broker restarting, say: the journal keeps everything
                 log.warning("relay round failed: %s", exc)
@@ -214,11 +242,20 @@ class Relay:
                 await asyncio.wait_for(stop.wait(), self.interval_s)
 
     async def drain(self, timeout: float) -> bool:
-        """At shutdown: publish the rest and wait (bounded) for a drained point to checkpoint it."""
+        """At shutdown: publish what the journal holds now, then publish nothing more and wait
+        (bounded) until the pipeline has processed it all, and checkpoint it.
+
+        Freezing is what lets a drain end under load: lines the SCP appends meanwhile stay in
+        the journal for the next relay instead of keeping the pipeline busy forever.
+        """
         deadline = time.monotonic() + timeout
+        published = False
         while time.monotonic() < deadline:
             try:
-                if await self.step(time.monotonic()):
+                if not published:
+                    await self.publish_new()
+                    published = True
+                if await self.step(time.monotonic(), frozen=True):
                     return True
             except Exception as exc:
                 log.warning("relay drain round failed: %s", exc)

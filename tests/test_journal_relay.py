@@ -135,3 +135,36 @@ async def test_the_relay_does_not_checkpoint_while_a_worker_cannot_say_it_is_set
     assert await relay.step(6.0)
     assert Checkpoint(tmp_path).load().positions
     await journal.stop()
+
+
+async def test_a_drain_ends_while_the_scp_keeps_journaling_and_checkpoints_only_what_it_published(
+        tmp_path: Path) -> None:
+    journal = JournalPublisher(tmp_path, "scp")
+    await journal.start()
+    await journal.publish({"trace_id": "t0"}, None)
+    broker = Broker()
+    relay = Relay(tmp_path, broker, broker, settle_s=0.0, interval_s=0.01)
+    relay.start()
+    assert journal.writer.path is not None
+    published_end = journal.writer.path.stat().st_size
+
+    class Appending:
+        """The lag probe of a pipeline whose SCP gets a new instance every round."""
+
+        rounds = 0
+
+        async def total_lag(self) -> int:
+            self.rounds += 1
+            await journal.publish({"trace_id": f"late{self.rounds}"}, None)
+            return 0
+
+    relay.lag = Appending()
+    assert await relay.drain(5.0)
+    assert [e["trace_id"] for _, e in broker.sent] == ["t0"]
+    (position,) = Checkpoint(tmp_path).load().positions.values()
+    assert position == published_end  # the lines appended during the drain are the next relay's
+    again = Relay(tmp_path, broker, broker, settle_s=0.0)
+    again.start()
+    await again.publish_new()
+    assert [e["trace_id"] for _, e in broker.sent][1:] == [f"late{i}" for i in range(1, relay.lag.rounds + 1)]
+    await journal.stop()

@@ -73,6 +73,23 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the broker process (0 when it does not run)."""
+        if not self.running() or self._proc is None:
+            return 0
+        try:
+            with open(f"/proc/{self._proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return 0
+
     def stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
