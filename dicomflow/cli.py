@@ -93,19 +93,29 @@ def worker(broker: str | None, partitions: int | None, web_port: int | None, log
 
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--tenant", required=True, help="Tenant id of every file.")
+@click.option("--tenant", default=None,
+              help="Tenant id of every file (default: DICOMFLOW_DEFAULT_TENANT; on the embedded stack 'default').")
 @click.option("--broker", help="kafka://host:port (default: DICOMFLOW_BROKER, else the embedded one).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def backfill(directory: Path, tenant: str, broker: str | None, no_progress: bool) -> None:
+@click.option("--no-progress", is_flag=True, help="No progress bar (it shows the rate and the time left).")
+def backfill(directory: Path, tenant: str | None, broker: str | None, no_progress: bool) -> None:
     """Publish one storage event per file below DIRECTORY (inside the storage root)."""
+    import time
+
     from feeders.backfill import backfill as run_backfill
+    from feeders.tenancy import default_tenant
 
     settings = _settings(DICOMFLOW_BROKER=broker)
+    tenant = tenant or default_tenant(settings)
+    if tenant is None:
+        raise click.UsageError("--tenant is required with an external broker (or set DICOMFLOW_DEFAULT_TENANT)")
+    started = time.monotonic()
     summary = _with_publisher(settings, lambda publisher: run_backfill(
         directory, storage_root=settings.storage_root, tenant=tenant, worker=settings.worker_id,
         publisher=publisher, progress=not no_progress))
-    click.echo(f"backfill: files={summary.files} published={summary.published} failed={summary.failed} "
-               f"without_dicom_ids={summary.unreadable_headers}")
+    elapsed = time.monotonic() - started
+    click.echo(f"backfill: tenant={tenant} files={summary.files} published={summary.published} "
+               f"failed={summary.failed} without_dicom_ids={summary.unreadable_headers} "
+               f"in {elapsed:.1f} s ({summary.published / elapsed if elapsed > 0 else 0.0:.1f} published/s)")
     for line in summary.errors[:20]:
         click.echo(f"  {line}", err=True)
     sys.exit(1 if summary.failed else 0)
@@ -151,6 +161,7 @@ def up(workers: int | None) -> None:
     click.echo(f"  postgres    {info['postgres_dsn']}{'  (embedded)' if info['postgres_embedded'] else ''}")
     scp = info["scp"]
     click.echo(f"  scp         {scp['aet']}@{scp['host']}:{scp['port']}  (C-STORE)")
+    click.echo(_tenant_line(settings, embedded=bool(info["broker_embedded"])))
     for w in info["workers"]:
         click.echo(f"  worker      {w['web']}  metrics {w['metrics']}")
     click.echo(f"  doris       {info['doris']}")
@@ -250,7 +261,11 @@ def send(paths: tuple[Path, ...], host: str, port: int | None, aet: str | None, 
     summary = _run_or_exit(lambda: send_paths(paths, host, port or settings.scp_port, aet or settings.scp_aet,
                                               calling_aet, progress=not no_progress, ssl_context=context,
                                               server_hostname=tls_server_name))
-    click.echo(f"send: {summary}")
+    if summary.stopped:
+        click.secho(f"send stopped: {summary.stopped}", fg="red", err=True)
+    for row in summary.table():
+        click.echo(row)
+    click.echo(summary.line())
     sys.exit(0 if summary.ok else 1)
 
 
@@ -300,6 +315,18 @@ def status(as_json: bool, broker: str | None) -> None:
     if report["unreachable"]:
         click.echo(f"  workers not reachable for counters: {', '.join(report['unreachable'])}")
     click.echo(f"  postgres {report['postgres_dsn']}")
+
+
+def _tenant_line(settings: Any, *, embedded: bool) -> str:
+    """Which tenant unmapped callers (and `backfill` without --tenant) get, for `up`'s start lines."""
+    from feeders.tenancy import EMBEDDED_DEFAULT_TENANT
+
+    if settings.default_tenant:
+        return f"  tenant      {settings.default_tenant}  (DICOMFLOW_DEFAULT_TENANT: unmapped AE titles, backfill)"
+    if embedded:
+        return (f"  tenant      {EMBEDDED_DEFAULT_TENANT}  (embedded stack: unmapped AE titles and backfill; "
+                "set DICOMFLOW_DEFAULT_TENANT or DICOMFLOW_TENANT_BY_CALLING_AE to choose)")
+    return "  tenant      none: unmapped AE titles are rejected (set DICOMFLOW_TENANT_BY_CALLING_AE)"
 
 
 def _with_publisher(settings: Any, work: Any) -> Any:

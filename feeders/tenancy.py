@@ -22,7 +22,10 @@ Precedence, most specific first:
 4. ``default_tenant``.
 
 An association whose AE titles map to nothing is rejected with "calling AE title
-not recognised" unless ``default_tenant`` is set.
+not recognised" unless ``default_tenant`` is set. On the embedded stack (``dicomflow up``
+with no ``DICOMFLOW_BROKER``) it is set by default to :data:`EMBEDDED_DEFAULT_TENANT`, so the
+README's first ``send`` and ``backfill`` work; production (an external broker) keeps
+rejecting unknown AE titles unless ``DICOMFLOW_DEFAULT_TENANT`` is set.
 """
 
 from __future__ import annotations
@@ -38,12 +41,28 @@ from core.errors import ConfigError
 if TYPE_CHECKING:
     from core.settings import Settings
 
-__all__ = ["TENANT_PATTERN", "AssociationTenant", "TenantRefused", "TenantResolver", "is_valid_tenant"]
+__all__ = ["EMBEDDED_DEFAULT_TENANT", "TENANT_PATTERN", "AssociationTenant", "TenantRefused", "TenantResolver",
+           "default_tenant", "is_valid_tenant"]
 
 log = logging.getLogger(__name__)
 
 #: The storage-event contract's tenant_id pattern (storage_event.v1.schema.json).
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+#: The tenant of unmapped callers on the embedded stack when ``DICOMFLOW_DEFAULT_TENANT`` is unset.
+EMBEDDED_DEFAULT_TENANT = "default"
+
+
+def default_tenant(settings: Settings) -> str | None:
+    """The tenant of unmapped callers: ``DICOMFLOW_DEFAULT_TENANT``, else on the embedded stack
+    :data:`EMBEDDED_DEFAULT_TENANT`, else None (production: they are rejected).
+
+    The embedded stack is a broker dicomflow runs itself: no ``DICOMFLOW_BROKER`` in this
+    process, or the journal that ``up`` turns on for its children only on that stack.
+    """
+    if settings.default_tenant is not None:
+        return settings.default_tenant
+    return EMBEDDED_DEFAULT_TENANT if settings.embedded_broker or settings.journal else None
 
 
 def is_valid_tenant(value: str | None) -> bool:
@@ -108,7 +127,7 @@ class TenantResolver:
         return cls(
             by_calling_ae=settings.tenant_by_calling_ae,
             by_called_ae=settings.tenant_by_called_ae,
-            default_tenant=settings.default_tenant,
+            default_tenant=default_tenant(settings),
             from_private_tag=settings.tenant_from_private_tag,
             by_cert_cn=settings.tenant_by_cert_cn,
         )

@@ -8,7 +8,10 @@ protocol's limit per association) are spread over consecutive associations.
 
 Nothing here raises for a bad file, a refused association or a failed C-STORE:
 every outcome is counted in the returned :class:`SendSummary`, so a CLI can print
-it and choose its exit code.
+it and choose its exit code. A permanent association rejection (or an SCP that does
+not answer) stops the whole send at once: every later association would meet the
+same refusal, so the rest is counted as not sent and :attr:`SendSummary.stopped` names
+the cause and what to change.
 """
 
 from __future__ import annotations
@@ -16,16 +19,19 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import MediaStorageDirectoryStorage
 from pynetdicom import AE
+from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 from tqdm import tqdm
 
 from core.net import no_delay
@@ -54,6 +60,11 @@ class SendSummary:
     statuses: Counter[int] = field(default_factory=Counter)
     #: (file, reason) for every failed or skipped file.
     failures: list[tuple[Path, str]] = field(default_factory=list)
+    #: Failed files counted by a short reason (the rows of :meth:`table`).
+    failed_by: Counter[str] = field(default_factory=Counter)
+    #: Why the send stopped before the end (one line: the cause and the remedy), or None.
+    stopped: str | None = None
+    elapsed_s: float = 0.0
 
     @property
     def total(self) -> int:
@@ -63,6 +74,22 @@ class SendSummary:
     def ok(self) -> bool:
         """True when every sendable file was stored (skipped files do not count)."""
         return self.failed == 0
+
+    def table(self) -> list[str]:
+        """The outcome as a short table: succeeded, warnings, failed by reason, skipped."""
+        rows = [("succeeded", self.succeeded), ("warnings", self.warnings), ("failed", self.failed)]
+        rows += [(f"  {reason}", n) for reason, n in self.failed_by.most_common()]
+        if self.skipped:
+            rows.append(("skipped (not DICOM, no SOP class, DICOMDIR)", self.skipped))
+        width = max(len(label) for label, _ in rows)
+        return [f"  {label:<{width}}  {n:>7}" for label, n in rows]
+
+    def line(self) -> str:
+        """One summary line: counts, time and rate."""
+        rate = (self.succeeded + self.warnings) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        return (f"send: {self.total} files in {self.elapsed_s:.1f} s ({rate:.1f} stored/s): "
+                f"{self.succeeded} succeeded, {self.warnings} warnings, {self.failed} failed, "
+                f"{self.skipped} skipped")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,25 +184,90 @@ def send_paths(paths: Iterable[Path | str], host: str, port: int, called_aet: st
             log.info("skipped path=%s reason=%s", path, scanned)
         else:
             items.append(scanned)
+    started = time.monotonic()
+    # tqdm's bar shows the rate and the time left (ETA) as it goes.
     with tqdm(total=len(items), disable=not progress, unit="file", desc=f"C-STORE {called_aet}") as bar:
-        for contexts, batch in _batches(items):
-            _send_batch(batch, contexts, host, port, called_aet, calling_aet, ssl_context,
-                        server_hostname, timeout_s, summary, bar)
+        batches = list(_batches(items))
+        for n, (contexts, batch) in enumerate(batches):
+            refusal = _send_batch(batch, contexts, host, port, called_aet, calling_aet, ssl_context,
+                                  server_hostname, timeout_s, summary, bar)
+            if refusal is not None and refusal.stop is not None:
+                summary.stopped = refusal.stop
+                rest = [item for _, later in batches[n + 1:] for item in later]
+                for item in rest:
+                    _fail(summary, item, f"not sent: {refusal.reason}", refusal.short)
+                bar.update(len(rest))
+                break
+    summary.elapsed_s = time.monotonic() - started
     log.info("send finished host=%s port=%s called_aet=%s succeeded=%d warnings=%d failed=%d skipped=%d",
              host, port, called_aet, summary.succeeded, summary.warnings, summary.failed, summary.skipped)
     return summary
 
 
-def _fail(summary: SendSummary, item: _Item, reason: str) -> None:
+def _fail(summary: SendSummary, item: _Item, reason: str, short: str | None = None) -> None:
     summary.failed += 1
     summary.failures.append((item.path, reason))
-    log.warning("store failed path=%s reason=%s", item.path, reason)
+    summary.failed_by[short or reason] += 1
+    # INFO, not WARNING: the summary table reports failures by reason; a line per file would
+    # bury it (a CLI with no logging set up prints warnings to stderr).
+    log.info("store failed path=%s reason=%s", item.path, reason)
+
+
+def _status_name(status: int) -> str:
+    name = (STORAGE_SERVICE_CLASS_STATUS.get(status) or GENERAL_STATUS.get(status) or ("", ""))[1]
+    return f"status 0x{status:04X}" + (f" ({name})" if name else "")
+
+
+#: What to change for a rejection, by (result source, diagnostic) of the A-ASSOCIATE-RJ.
+_REMEDIES = {
+    (1, 3): ("calling AE title {calling!r} not recognised",
+             "on the SCP set DICOMFLOW_TENANT_BY_CALLING_AE={calling}=<tenant> (or DICOMFLOW_DEFAULT_TENANT="
+             "<tenant> for every unmapped caller), or send with --calling-aet set to a mapped AE title"),
+    (1, 7): ("called AE title {called!r} not recognised",
+             "send with --aet set to the SCP's AE title (its DICOMFLOW_SCP_AET)"),
+    (1, 2): ("application context not supported", "the SCP is not a DICOM storage SCP"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """Why an association was not established."""
+
+    #: The full reason, kept per file.
+    reason: str
+    #: The short reason, a row of the summary table.
+    short: str
+    #: The one line (cause and remedy) that stops the whole send; None: later associations may work.
+    stop: str | None = None
+
+
+def _refusal(assoc: Any, called_aet: str, calling_aet: str, host: str, port: int) -> _Refusal:
+    where = f"{called_aet}@{host}:{port}"
+    if assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        if rj is None:
+            return _Refusal(f"association rejected by {where}", "association rejected")
+        reason = (f"association rejected by {where} (result={rj.result_str}, source={rj.source_str}, "
+                  f"reason={rj.reason_str})")
+        if rj.result != 0x01:  # transient: another association may be accepted
+            return _Refusal(reason, f"association rejected (transient): {rj.reason_str}")
+        cause, remedy = _REMEDIES.get((rj.result_source, rj.diagnostic),
+                                      (str(rj.reason_str), "see the SCP's log for why"))
+        cause, remedy = (cause.format(calling=calling_aet, called=called_aet),
+                         remedy.format(calling=calling_aet, called=called_aet))
+        return _Refusal(reason, cause, f"association rejected permanently by {where}: {cause}. Remedy: {remedy}.")
+    if assoc.is_aborted:
+        return _Refusal(f"association aborted by {where}", "association aborted")
+    return _Refusal(f"cannot associate with {where}", "no association (nothing answered)",
+                    f"no DICOM association with {where}: nothing answered. Remedy: start the SCP (`dicomflow up` "
+                    "or `dicomflow scp`), or give its address with --host/--port (DICOMFLOW_SCP_PORT).")
 
 
 def _send_batch(batch: list[_Item], contexts: list[tuple[str, str]], host: str, port: int,
                 called_aet: str, calling_aet: str, ssl_context: ssl.SSLContext | None,
                 server_hostname: str | None, timeout_s: float, summary: SendSummary,
-                bar: tqdm[None]) -> None:
+                bar: tqdm[None]) -> _Refusal | None:
+    """Send one batch over one association; returns the refusal if it was not established."""
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     for sop_class, ts in contexts:
@@ -184,20 +276,11 @@ def _send_batch(batch: list[_Item], contexts: list[tuple[str, str]], host: str, 
     assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
     no_delay(assoc)
     if not assoc.is_established:
-        if assoc.is_rejected:
-            reason = f"association rejected by {called_aet}@{host}:{port}"
-            rj = assoc.acceptor.primitive
-            if rj is not None:
-                reason += (f" (result={rj.result_str}, source={rj.source_str}, "
-                           f"reason={rj.reason_str})")
-        elif assoc.is_aborted:
-            reason = f"association aborted by {called_aet}@{host}:{port}"
-        else:
-            reason = f"cannot associate with {called_aet}@{host}:{port}"
+        refusal = _refusal(assoc, called_aet, calling_aet, host, port)
         for item in batch:
-            _fail(summary, item, reason)
+            _fail(summary, item, refusal.reason, refusal.short)
         bar.update(len(batch))
-        return
+        return refusal
     try:
         for item in batch:
             try:
@@ -205,7 +288,7 @@ def _send_batch(batch: list[_Item], contexts: list[tuple[str, str]], host: str, 
                     raise RuntimeError("association lost")
                 rsp = assoc.send_c_store(_read(item.path))
             except Exception as exc:  # a file pydicom cannot re-read, or a dropped association
-                _fail(summary, item, f"{type(exc).__name__}: {exc}")
+                _fail(summary, item, f"{type(exc).__name__}: {exc}", f"error: {type(exc).__name__}")
                 bar.update(1)
                 continue
             status = _status_of(rsp)
@@ -218,11 +301,12 @@ def _send_batch(batch: list[_Item], contexts: list[tuple[str, str]], host: str, 
                 elif status in (0xB000, 0xB006, 0xB007):
                     summary.warnings += 1
                 else:
-                    _fail(summary, item, f"status 0x{status:04X}")
+                    _fail(summary, item, f"status 0x{status:04X}", _status_name(status))
             bar.update(1)
     finally:
         if assoc.is_established:
             assoc.release()
+    return None
 
 
 def _read(path: Path) -> Dataset:
