@@ -22,6 +22,7 @@ import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from faust import Stream
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 #: How often batches are checked against DICOMFLOW_DORIS_MAX_INTERVAL.
 TICK_S = 0.5
+#: How often a worker on an external broker deletes loaded keys older than their retention.
+PRUNE_EVERY_S = 3600.0
 
 
 class _TopicIntents:
@@ -169,6 +172,16 @@ def register(app: DicomflowApp, settings: Settings) -> None:
     loaded = LoadedKeys(settings.postgres_dsn) if settings.postgres_dsn is not None else None
     if loaded is not None:
         app.close_on_shutdown(loaded.stop)
+        if not settings.journal:  # with a journal, the relay prunes at its checkpoints instead
+            retention_s = settings.doris_loaded_retention_hours * 3600
+
+            async def prune_loaded() -> None:
+                try:
+                    await loaded.prune(datetime.now(UTC) - timedelta(seconds=retention_s))
+                except Exception as exc:  # pruning must never take the worker down
+                    logger.warning("pruning the Doris loaded keys failed: %s", exc)
+
+            app.timer(PRUNE_EVERY_S, name="doris_loaded_prune")(prune_loaded)
     stages = [_stage(app, settings, spec, client, intents, loaded) for spec in DORIS_OUTPUTS]
 
     async def read_label_incarnation() -> None:

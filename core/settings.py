@@ -323,6 +323,12 @@ class Settings:
     #: ``up`` recycles the embedded broker (which never frees what it stored) at a drained
     #: point once its resident memory passes this many MB (DICOMFLOW_BROKER_RECYCLE_MB; 0: never).
     broker_recycle_mb: int = 256
+    #: The relay publishes no further while the pipeline lags this many events (DICOMFLOW_RELAY_MAX_AHEAD):
+    #: a backlog then waits in the journal on disk, not in the broker's memory.
+    relay_max_ahead: int = 4000
+    #: How long the Doris transfer log's loaded keys are kept (DICOMFLOW_DORIS_LOADED_RETENTION_HOURS):
+    #: at least the topics' retention (Kafka's default is 7 days), within which a replay can happen.
+    doris_loaded_retention_hours: float = 168.0
     tansu_log: str = "warn"
     #: Stream Load redirect targets (host or host:port, lower case) that may receive the Doris
     #: credentials besides the FE's own host (DICOMFLOW_DORIS_BE_ALLOWLIST).
@@ -434,6 +440,8 @@ class Settings:
             journal=_flag(env, "DICOMFLOW_JOURNAL", default=False),
             relay_drain_seconds=_float(env, "DICOMFLOW_RELAY_DRAIN_SECONDS", 45.0, minimum=0.0),
             broker_recycle_mb=_int(env, "DICOMFLOW_BROKER_RECYCLE_MB", 256, minimum=0),
+            relay_max_ahead=_int(env, "DICOMFLOW_RELAY_MAX_AHEAD", 4000, minimum=0),
+            doris_loaded_retention_hours=_float(env, "DICOMFLOW_DORIS_LOADED_RETENTION_HOURS", 168.0, minimum=0.0),
             tansu_log=env.get("TANSU_LOG") or "warn",
             index_url=Secret(index_url) if index_url else None,
         )

@@ -177,11 +177,14 @@ def relay() -> None:
     import asyncio
     import logging
     import signal
+    import time
+    from datetime import UTC, datetime
 
     from dicomflow.stack import RELAY_NOT_DRAINED, read_stack_file
     from feeders.dlq_archive import DeadLetterArchive
     from feeders.publisher import EventPublisher
     from feeders.relay import BrokerLag, Relay, WorkersSettled
+    from sinks.doris_loaded import LoadedKeys
     from streams.broker import bootstrap_of
     from streams.topology import TOPICS, consumed_topics
 
@@ -191,6 +194,23 @@ def relay() -> None:
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
 
     async def run() -> bool:
+        loaded = LoadedKeys(settings.postgres_dsn) if settings.postgres_dsn is not None else None
+        pruned_at = 0.0
+
+        async def prune_loaded(drained_at: float) -> None:
+            # Keys of events before the checkpoint are never needed again, and the rest only
+            # within the retention; looked at hourly.
+            nonlocal pruned_at
+            if loaded is None or drained_at - pruned_at < 3600:
+                return
+            pruned_at = drained_at
+            horizon = min(drained_at, time.time() - settings.doris_loaded_retention_hours * 3600)
+            try:
+                n = await loaded.prune(datetime.fromtimestamp(horizon, UTC))
+                logging.getLogger("dicomflow.relay").info("pruned %d Doris loaded keys", n)
+            except Exception as exc:  # pruning must never stop the relay
+                logging.getLogger("dicomflow.relay").warning("pruning the Doris loaded keys failed: %s", exc)
+
         publisher = EventPublisher(settings.broker_url, settings.profile, partitions=settings.partitions)
         await publisher.start()
         lag = BrokerLag(settings.broker_url, settings.app_id, list(consumed_topics(settings.doris_enabled)))
@@ -198,7 +218,8 @@ def relay() -> None:
         archive = DeadLetterArchive(settings.home / "deadletters", bootstrap_of(settings.broker_url), publisher,
                                     [t.name for t in TOPICS if t.dead_letters])
         relay = Relay(settings.journal_dir, publisher, lag, settle_s=settings.series_window_seconds + 2.0,
-                      workers=workers, archive=archive)
+                      workers=workers, archive=archive, max_ahead=settings.relay_max_ahead,
+                      on_checkpoint=prune_loaded)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -208,6 +229,8 @@ def relay() -> None:
             return await relay.drain(settings.relay_drain_seconds)
         finally:
             await publisher.stop()
+            if loaded is not None:
+                await loaded.stop()
 
     # `up` recycles the broker only after a drained relay: the exit code says which it was.
     if not _run_or_exit(lambda: asyncio.run(run())):

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -123,7 +123,8 @@ def _unsettled(text: str) -> float | None:
 class Relay:
     def __init__(self, directory: Path, publisher: EventSink, lag: LagProbe, *, settle_s: float,
                  interval_s: float = 0.5, workers: SettledProbe | None = None,
-                 archive: LetterArchive | None = None) -> None:
+                 archive: LetterArchive | None = None, max_ahead: int = 0, chunk: int = CHUNK,
+                 on_checkpoint: Callable[[float], Awaitable[None]] | None = None) -> None:
         self.directory = directory
         self.publisher = publisher
         self.lag = lag
@@ -131,6 +132,12 @@ class Relay:
         self.settle_s = settle_s
         self.interval_s = interval_s
         self.archive = archive
+        #: Publish no further while the pipeline's lag is this many events or more (0: no bound).
+        #: It keeps a backlog in the journal rather than in the broker's memory, and a drain short.
+        self.max_ahead = max_ahead
+        #: Called with the wall-clock time of every drained point (after the checkpoint is saved).
+        self.on_checkpoint = on_checkpoint
+        self.chunk = chunk
         self.checkpoint = Checkpoint(directory)
         self.published: dict[str, int] = {}
         self.counters = {"published": 0, "checkpoints": 0, "files_deleted": 0}
@@ -142,27 +149,36 @@ class Relay:
         log.info("relay start journal=%s files=%s checkpoint=%s", self.directory,
                  len(journal_files(self.directory)), self.published)
 
+    async def _room(self) -> bool:
+        return self.max_ahead <= 0 or await self.lag.total_lag() < self.max_ahead
+
     async def publish_new(self) -> int:
-        """Publish the complete lines not yet published; returns how many."""
+        """Publish the complete lines not yet published (while the pipeline keeps up); returns how many."""
         sent = 0
         for path in journal_files(self.directory):
             fid = journal_id(path)
             pending: list[Any] = []
             position = self.published.get(fid, 0)
+            if not await self._room():
+                break
             with contextlib.suppress(FileNotFoundError):  # renamed on close: seen again next round
                 for line in read_lines(path, position):
                     pending.append(self.publisher.publish_raw(line.raw, line.key) if line.raw is not None
                                    else self.publisher.publish(line.event, line.key))
                     position = line.end
-                    if len(pending) >= CHUNK:
+                    if len(pending) >= self.chunk:
                         await asyncio.gather(*pending)
                         sent += len(pending)
                         pending = []
                         self.published[fid] = position
+                        if not await self._room():
+                            break
             if pending:
                 await asyncio.gather(*pending)
                 sent += len(pending)
             self.published[fid] = position
+            if self.max_ahead > 0 and not await self._room():
+                break
         self.counters["published"] += sent
         return sent
 
@@ -205,6 +221,8 @@ class Relay:
             self.counters["checkpoints"] += 1
             log.info("relay checkpoint %s", self.published)
         self._prune()
+        if self.on_checkpoint is not None:
+            await self.on_checkpoint(time.time())
         return True
 
     def _prune(self) -> None:
@@ -242,19 +260,16 @@ class Relay:
                 await asyncio.wait_for(stop.wait(), self.interval_s)
 
     async def drain(self, timeout: float) -> bool:
-        """At shutdown: publish what the journal holds now, then publish nothing more and wait
-        (bounded) until the pipeline has processed it all, and checkpoint it.
+        """At shutdown: publish nothing more, wait (bounded) until the pipeline has processed
+        what was published, and checkpoint it.
 
-        Freezing is what lets a drain end under load: lines the SCP appends meanwhile stay in
-        the journal for the next relay instead of keeping the pipeline busy forever.
+        Freezing is what lets a drain end under load: lines not published yet stay in the
+        journal for the next relay instead of keeping the pipeline busy forever, and with
+        ``max_ahead`` what is left to process is bounded too.
         """
         deadline = time.monotonic() + timeout
-        published = False
         while time.monotonic() < deadline:
             try:
-                if not published:
-                    await self.publish_new()
-                    published = True
                 if await self.step(time.monotonic(), frozen=True):
                     return True
             except Exception as exc:

@@ -7,11 +7,17 @@ exists any more, and the journal publishes the last events again. This record ou
 broker: after each successful load the batch's (trace id, status) keys are stored, and a
 later batch leaves out rows whose key is already there. Only a crash between a load's
 success and this record (milliseconds) can still let one batch in again.
+
+A key is needed only while its event can still be published again: on the embedded stack
+until the journal's checkpoint passed it, on an external broker within the topics'
+retention. :meth:`LoadedKeys.prune` deletes the keys older than that horizon, so the table
+holds at most one retention's worth of keys (DICOMFLOW_DORIS_LOADED_RETENTION_HOURS).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 
 import asyncpg
 
@@ -21,14 +27,27 @@ from sinks.pg_pool import LazyPool
 __all__ = ["LoadedKeys"]
 
 _DDL = ("CREATE TABLE IF NOT EXISTS dicomflow_doris_loaded (tbl varchar(64) not null, dkey text not null, "
-        "PRIMARY KEY (tbl, dkey))")
+        "created timestamptz not null default now(), PRIMARY KEY (tbl, dkey));"
+        # tables made before pruning existed get the column (their keys count from now)
+        "ALTER TABLE dicomflow_doris_loaded ADD COLUMN IF NOT EXISTS created timestamptz not null default now();"
+        "CREATE INDEX IF NOT EXISTS dicomflow_doris_loaded_created ON dicomflow_doris_loaded (created)")
+#: Deleted in slices, so that pruning a large backlog never holds long locks.
+_PRUNE = ("DELETE FROM dicomflow_doris_loaded WHERE ctid IN "
+          "(SELECT ctid FROM dicomflow_doris_loaded WHERE created < $1 LIMIT $2)")
+PRUNE_SLICE = 10_000
 _KNOWN = "SELECT dkey FROM dicomflow_doris_loaded WHERE tbl = $1 AND dkey = ANY($2::text[])"
 _ADD = ("INSERT INTO dicomflow_doris_loaded (tbl, dkey) SELECT $1, unnest($2::text[]) "
         "ON CONFLICT DO NOTHING")
 
 
+#: Serialises the DDL between workers starting together (IF NOT EXISTS is not race-free).
+_DDL_LOCK_KEY = 0x646F726973  # "doris"
+
+
 async def _create_table(conn: asyncpg.Connection) -> None:
-    await conn.execute(_DDL)
+    async with conn.transaction():
+        await conn.execute(f"SELECT pg_advisory_xact_lock({_DDL_LOCK_KEY})")
+        await conn.execute(_DDL)
 
 
 class LoadedKeys:
@@ -56,3 +75,14 @@ class LoadedKeys:
             return
         pool = await self._pool.get()
         await pool.execute(_ADD, table, batch)
+
+    async def prune(self, older_than: datetime) -> int:
+        """Delete the keys recorded before ``older_than`` (aware); returns how many."""
+        pool = await self._pool.get()
+        total = 0
+        while True:
+            status = await pool.execute(_PRUNE, older_than, PRUNE_SLICE)
+            deleted = int(status.split()[-1])
+            total += deleted
+            if deleted < PRUNE_SLICE:
+                return total

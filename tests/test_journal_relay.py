@@ -145,6 +145,7 @@ async def test_a_drain_ends_while_the_scp_keeps_journaling_and_checkpoints_only_
     broker = Broker()
     relay = Relay(tmp_path, broker, broker, settle_s=0.0, interval_s=0.01)
     relay.start()
+    await relay.publish_new()
     assert journal.writer.path is not None
     published_end = journal.writer.path.stat().st_size
 
@@ -167,4 +168,31 @@ async def test_a_drain_ends_while_the_scp_keeps_journaling_and_checkpoints_only_
     again.start()
     await again.publish_new()
     assert [e["trace_id"] for _, e in broker.sent][1:] == [f"late{i}" for i in range(1, relay.lag.rounds + 1)]
+    await journal.stop()
+
+
+async def test_the_relay_publishes_no_further_ahead_of_the_pipeline_than_its_bound(tmp_path: Path) -> None:
+    journal = JournalPublisher(tmp_path, "scp")
+    await journal.start()
+    for i in range(7):
+        await journal.publish({"trace_id": f"t{i}"}, None)
+    class Backlogged(Broker):
+        """A pipeline that processes nothing: every event published is lag."""
+
+        processed = 0
+
+        async def total_lag(self) -> int:
+            return self.lag + len(self.sent) - self.processed
+
+    broker = Backlogged()
+    relay = Relay(tmp_path, broker, broker, settle_s=0.0, max_ahead=4, chunk=2)
+    relay.start()
+    broker.lag = 4  # the pipeline is that far behind: the rest waits in the journal
+    assert await relay.publish_new() == 0
+    broker.lag = 1
+    assert await relay.publish_new() == 4  # two chunks, then the lag reached the bound
+    broker.lag = 0
+    broker.processed = 4
+    assert await relay.publish_new() == 3
+    assert [e["trace_id"] for _, e in broker.sent] == [f"t{i}" for i in range(7)]
     await journal.stop()
