@@ -313,6 +313,8 @@ def status(as_json: bool, broker: str | None) -> None:
         report["postgres_dsn"] = stack.get("postgres_dsn")
     report["scp"] = stack.get("scp")
     report["children"] = stack.get("children", {})
+    if "broker_memory" in stack:  # the embedded broker: its memory and how often `up` recycled it
+        report["broker_memory"] = dict(stack["broker_memory"], recycles=stack.get("broker_recycles", 0))
     from dicomflow.status import sink_counters
 
     urls = [w["metrics"] for w in stack.get("workers", [])] or [f"http://127.0.0.1:{settings.web_port}/metrics"]
@@ -337,6 +339,10 @@ def status(as_json: bool, broker: str | None) -> None:
                        f"last exit code {child.get('last_exit')}")
     if report["unreachable"]:
         click.echo(f"  workers not reachable for counters: {', '.join(report['unreachable'])}")
+    if "broker_memory" in report:
+        mem = report["broker_memory"]
+        click.echo(f"  embedded broker {mem['rss_mb']} MB (recycled at {mem['recycle_mb']} MB; "
+                   f"{mem['recycles']} recycles)")
     click.echo(f"  postgres {report['postgres_dsn']}")
 
 

@@ -265,10 +265,15 @@ class Stack:
     def _tend_broker_memory(self, now: float) -> None:
         """Recycle the embedded broker once its memory passes the cap (it never frees anything)."""
         cap = self.settings.broker_recycle_mb * 1024 * 1024
-        if self.broker is None or cap <= 0 or now < self._next_recycle_check:
+        if self.broker is None or now < self._next_recycle_check:
             return
+        if cap <= 0:
+            cap = 1 << 62  # never recycle, but keep reporting the broker's memory
         self._next_recycle_check = now + RECYCLE_CHECK_S
         rss = self.broker.rss_bytes()
+        self.info["broker_memory"] = {"pid": self.broker.pid, "rss_mb": round(rss / 2**20, 1),
+                                      "recycle_mb": self.settings.broker_recycle_mb}
+        self._write_state()
         if rss > cap:
             self.recycle_broker(f"its memory is {rss / 2**20:.0f} MB, above DICOMFLOW_BROKER_RECYCLE_MB="
                                 f"{self.settings.broker_recycle_mb}")
