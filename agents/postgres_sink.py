@@ -1,8 +1,10 @@
-"""PostgreSQL sink stage: dicom_state_queue -> dicom_state_meta (the series index).
+"""Series-index sink stage: dicom_state_queue -> dicom_state_meta (PostgreSQL or MySQL/MariaDB).
 
-Runs when DICOMFLOW_POSTGRES_DSN is set (``dicomflow up`` sets it to the embedded
+Runs when a series index is configured: DICOMFLOW_INDEX_DSN (``postgresql://`` or
+``mysql://``), else DICOMFLOW_POSTGRES_DSN (``dicomflow up`` sets it to the embedded
 server). Upserts are idempotent and newest-wins, so replays and duplicates from the
-series stage are harmless.
+series stage are harmless. The agent keeps its name ``postgres_sink`` (consumer offsets
+and metrics stay where they were); its counters are published as the provider's name.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from agents.sink_support import SinkInput, run_batches, serve_sink, sink_items, 
 from schemas import codec
 from schemas.records import DicomStateMeta
 from sinks.base import retry_until_done
-from sinks.postgres import PostgresSink
+from sinks.index import open_index
 from streams.topology import STATE
 
 if TYPE_CHECKING:
@@ -40,11 +42,11 @@ def _decode(raw: bytes) -> DicomStateMeta:
 
 
 def register(app: DicomflowApp, settings: Settings) -> None:
-    """The ``postgres_sink`` agent on the state topic, if a DSN is configured."""
-    if settings.postgres_dsn is None:
-        log.warning("DICOMFLOW_POSTGRES_DSN is not set: the PostgreSQL sink is off")
+    """The ``postgres_sink`` agent on the state topic, if a series index is configured."""
+    sink = open_index(settings)
+    if sink is None:
+        log.warning("neither DICOMFLOW_INDEX_DSN nor DICOMFLOW_POSTGRES_DSN is set: the series index sink is off")
         return
-    sink = PostgresSink(settings.postgres_dsn)
     # Faust 0.15.3 skips records here too (see agents/gaps.py): this stage had no guard.
     guard = GapGuard(app, STATE)
     guard.watch_revocations(app)
@@ -59,7 +61,7 @@ def register(app: DicomflowApp, settings: Settings) -> None:
         return sink_items(events, _decode, missing)
 
     async def handle(prepared: SinkInput) -> None:
-        await write_items(app, sink, prepared, "postgres")
+        await write_items(app, sink, prepared, sink.name)
 
     async def postgres_sink(stream: StreamT[Any]) -> None:
         await run_batches(app, stream, BATCH, BATCH_WITHIN_S, stage="postgres", prepare=prepare, handle=handle,
@@ -67,4 +69,4 @@ def register(app: DicomflowApp, settings: Settings) -> None:
                                                                 for e in events}))
 
     app.agent(app.queues.state, name="postgres_sink")(postgres_sink)
-    serve_sink(app, sink, "postgres")
+    serve_sink(app, sink, sink.name)

@@ -16,6 +16,7 @@ __all__ = [
     "DicomStateMeta",
     "DicomImageMeta",
     "DicomObjectMeta",
+    "DicomJsonMeta",
     "StorageEvent",
     "OUTPUT_RECORDS",
     "Route",
@@ -193,6 +194,33 @@ class DicomObjectMeta(_MaybeSeriesKey):
     transfer_status: str | None = field(default=None, metadata=_len(64))
     source_ip: str | None = field(default=None, metadata=_len(64))
     source_ae: str | None = field(default=None, metadata=_len(64))
+
+
+@dataclass(slots=True)
+class DicomJsonMeta:
+    """Bookkeeping of a series' generated JSON (``dicom_json_meta``, the seeds' DicomJsonMeta).
+
+    The JSON generator writes one per series with the series' ``updated_time`` as
+    ``flag_time``; a series whose state moved on (another ``updated_time``) is due again
+    (``sinks.index.SeriesIndex.stale_json``). Not a topic record: only the series index holds it.
+    """
+
+    tenant_id: str = field(metadata=_len(64))
+    study_uid: str = field(metadata=_len(64))
+    series_uid: str = field(metadata=_len(64))
+    study_uid_hash: str = field(metadata=_len(20))
+    series_uid_hash: str = field(metadata=_len(20))
+    study_date_origin: str = field(metadata=_len(8))
+    #: The ``updated_time`` of the series state the JSON was generated from.
+    flag_time: datetime
+    #: When the row was first written; None: the index stamps it (and keeps the first one).
+    created_time: datetime | None = None
+    json_status: int = 0
+    retry_times: int = 0
+
+    @property
+    def key(self) -> str:
+        return series_key(self.tenant_id, self.study_uid, self.series_uid)
 
 
 @dataclass(slots=True)

@@ -19,8 +19,9 @@ NOT NULL, range, format) comes back from PostgreSQL naming the column, e.g.
 ``COPY …, line 1, column patient_sex``. Binary COPY would fail some of these inside the
 client encoder instead, with no column named.
 
-``dicom_json_meta`` is not written here (the JSON generator owns it); the seeds'
-``get_json_metaes`` query is provided for that generator and for tests.
+It is also the PostgreSQL :class:`sinks.index.SeriesIndex` (the seeds' PostgreSQL
+``DbProvider``): ``save_state``/``save_states`` go through the same batching ``write``;
+``save_json_metas`` upserts the JSON generator's bookkeeping; the three reads are below.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ import asyncpg
 
 from core.errors import Code, SinkDataError, SinkError, SinkRetryableError
 from core.settings import Secret, mask_dsn
-from schemas.records import DicomStateMeta
+from schemas.records import DicomJsonMeta, DicomStateMeta
 from sinks.base import BatchingSink, Rejected, SinkBatch, SinkItem
+from sinks.index import JSON_COLUMNS, direct_batch, json_row, json_values, newest_json, save_one
 
 __all__ = [
     "PostgresSink",
@@ -89,6 +91,26 @@ _GET_JSON_METAES = (
     "AND dsm.series_uid = djm.series_uid "
     "WHERE (djm.tenant_id IS NULL OR dsm.updated_time <> djm.flag_time) AND dsm.updated_time < $1 "
     "ORDER BY dsm.updated_time LIMIT $2"
+)
+_SERIES_OF_STUDY = (
+    f"SELECT {', '.join(COLUMNS)} FROM {TABLE} WHERE tenant_id = $1 AND study_uid = $2 "  # noqa: S608
+    "ORDER BY series_number NULLS LAST, series_uid"
+)
+_JSON_META = (
+    f"SELECT {', '.join(JSON_COLUMNS)} FROM dicom_json_meta "  # noqa: S608
+    "WHERE tenant_id = $1 AND study_uid = $2 AND series_uid = $3"
+)
+# Never back to an older flag_time: a late writer must not mark a series done for an
+# older state. created_time keeps the first value.
+_SAVE_JSON = (
+    f"INSERT INTO dicom_json_meta AS j ({', '.join(JSON_COLUMNS)}) "  # noqa: S608
+    f"SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], "
+    "$7::timestamp[], $8::timestamp[], $9::int[], $10::int[]) "
+    "ORDER BY 1, 2, 3 "
+    "ON CONFLICT (tenant_id, study_uid, series_uid) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in JSON_COLUMNS
+                if c not in ("tenant_id", "study_uid", "series_uid", "created_time"))
+    + " WHERE j.flag_time <= EXCLUDED.flag_time"
 )
 _NULL = "\\N"
 
@@ -294,6 +316,49 @@ class PostgresSink(BatchingSink[DicomStateMeta]):
                   batch.topic, batch.partition, len(batch), len(heads), affected, accepted - affected,
                   len(rejected))
         return rejected
+
+    # -- SeriesIndex: the seeds' provider operations (see sinks/index.py) --------------
+
+    async def save_state(self, row: DicomStateMeta) -> None:
+        """Seeds: ``save_state_info``."""
+        await save_one(self.save_states, row)
+
+    async def save_states(self, rows: Sequence[DicomStateMeta]) -> Sequence[Rejected[DicomStateMeta]]:
+        """Seeds: ``save_state_list``; the refused rows are returned (offset = position)."""
+        return await self.write(direct_batch(rows))
+
+    async def save_json_metas(self, rows: Sequence[DicomJsonMeta]) -> None:
+        """Seeds: ``save_json_list``."""
+        if not rows:
+            return
+        now = datetime.now()
+        columns = list(zip(*(json_values(r, now) for r in newest_json(rows)), strict=True))
+        await self._run("save json metas", lambda pool: pool.execute(_SAVE_JSON, *map(list, columns)))
+
+    async def series_of_study(self, tenant_id: str, study_uid: str) -> list[DicomStateMeta]:
+        """Seeds: ``get_state_metaes``."""
+        rows = await self._run("series of study", lambda pool: pool.fetch(_SERIES_OF_STUDY, tenant_id, study_uid))
+        return [DicomStateMeta(**dict(r)) for r in rows]
+
+    async def stale_json(self, end_time: datetime, limit: int = 100) -> list[DicomStateMeta]:
+        """Seeds: ``get_json_metaes``."""
+        return await self._run("stale json", lambda pool: get_json_metaes(pool, end_time, limit))
+
+    async def json_meta(self, tenant_id: str, study_uid: str, series_uid: str) -> DicomJsonMeta | None:
+        """Seeds: ``get_json_meta``."""
+        row = await self._run("json meta", lambda pool: pool.fetchrow(_JSON_META, tenant_id, study_uid, series_uid))
+        return None if row is None else json_row(tuple(row.values()))
+
+    async def _run(self, action: str, call: Any) -> Any:
+        """``call(pool)`` with the sink's error classification (transient: SinkRetryableError)."""
+        if self._pool is None:
+            await self.start()
+        try:
+            return await call(self.pool)
+        except _DATA_ERRORS as exc:
+            raise _data_error(exc) from exc
+        except Exception as exc:
+            raise self._alert(_translate(exc, action)) from exc
 
     # -- internals ---------------------------------------------------------------------
 

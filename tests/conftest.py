@@ -14,6 +14,7 @@ from dicomflow.embedded.broker import EmbeddedBroker
 pytest_plugins = [
     "tests.fixtures_postgres",
     "tests.fixtures_doris",
+    "tests.fixtures_mysql",
 ]
 
 PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"

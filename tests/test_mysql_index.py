@@ -1,0 +1,127 @@
+"""The series index's six operations (the seeds' DbProvider), on PostgreSQL and on MariaDB alike.
+
+Every test runs against both real servers (``index_db``, tests/fixtures_mysql.py); rows are
+read back through the provider interface and, where it matters, straight from the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from core.errors import SinkDataError
+from core.settings import Settings
+from dicom.extract import Extracted, extract
+from schemas.records import DicomJsonMeta, DicomStateMeta
+from sinks.index import SeriesIndex, index_for_dsn, open_index
+from tests.fixtures_mysql import IndexDb
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, 123456)
+
+
+@pytest.fixture
+def base_state(ct_small: Path) -> DicomStateMeta:
+    result = extract(ct_small, "tenant-a", now=T0)
+    assert isinstance(result, Extracted)
+    return result.state
+
+
+def series(base: DicomStateMeta, i: int, *, updated: datetime = T0, **changes: object) -> DicomStateMeta:
+    return dataclasses.replace(base, series_uid=f"{base.series_uid}.{i}", updated_time=updated,
+                               created_time=updated, **changes)  # type: ignore[arg-type]
+
+
+def json_of(state: DicomStateMeta, flag: datetime, **changes: object) -> DicomJsonMeta:
+    return dataclasses.replace(DicomJsonMeta(
+        tenant_id=state.tenant_id, study_uid=state.study_uid, series_uid=state.series_uid,
+        study_uid_hash=state.study_uid_hash, series_uid_hash=state.series_uid_hash,
+        study_date_origin=state.study_date_origin, flag_time=flag), **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def index(index_db: IndexDb) -> AsyncIterator[SeriesIndex]:
+    idx = index_for_dsn(index_db.dsn)
+    await idx.start()
+    try:
+        yield idx
+    finally:
+        await idx.stop()
+
+
+async def test_open_index_picks_the_provider_from_the_settings(index_db: IndexDb, tmp_path: Path) -> None:
+    env = {"DICOMFLOW_HOME": str(tmp_path), "DICOMFLOW_INDEX_DSN": index_db.dsn}
+    idx = open_index(Settings.from_env(env))
+    assert idx is not None and idx.name == index_db.kind and isinstance(idx, SeriesIndex)
+    assert open_index(Settings.from_env({"DICOMFLOW_HOME": str(tmp_path)})) is None
+
+
+async def test_states_saved_one_and_many_read_back_by_study(
+        index: SeriesIndex, base_state: DicomStateMeta) -> None:
+    one = series(base_state, 9, series_number=None)
+    many = [series(base_state, i, series_number=3 - i) for i in range(3)]
+    await index.save_state(one)
+    assert await index.save_states(many) == []
+    got = await index.series_of_study(base_state.tenant_id, base_state.study_uid)
+    # by series number (missing last), then UID
+    assert [dataclasses.asdict(s) for s in got] == [dataclasses.asdict(s) for s in [*reversed(many), one]]
+    assert await index.series_of_study(base_state.tenant_id, "1.2.3.unknown") == []
+    assert await index.series_of_study("other-tenant", base_state.study_uid) == []
+
+
+async def test_a_refused_state_names_its_column(index: SeriesIndex, base_state: DicomStateMeta) -> None:
+    with pytest.raises(SinkDataError) as info:
+        await index.save_state(series(base_state, 1, patient_sex="MF"))
+    assert info.value.field == "patient_sex"
+    rejected = await index.save_states([series(base_state, 2), series(base_state, 3, series_number=2**31)])
+    assert [(r.item.offset, r.error.field) for r in rejected] == [(1, "series_number")]
+    got = await index.series_of_study(base_state.tenant_id, base_state.study_uid)
+    assert [s.series_uid for s in got] == [series(base_state, 2).series_uid]
+
+
+async def test_json_bookkeeping_upserts_and_stale_json_follows_it(
+        index: SeriesIndex, base_state: DicomStateMeta) -> None:
+    a = series(base_state, 1, updated=T0)
+    b = series(base_state, 2, updated=T0 + timedelta(seconds=1))
+    assert await index.save_states([b, a]) == []
+    end = T0 + timedelta(minutes=1)
+
+    async def pending() -> list[str]:
+        return [s.series_uid for s in await index.stale_json(end)]
+
+    assert await pending() == [a.series_uid, b.series_uid]  # oldest first
+    assert await index.stale_json(T0) == []  # updated_time < end_time is strict
+    assert [s.series_uid for s in await index.stale_json(end, limit=1)] == [a.series_uid]
+    assert dataclasses.asdict((await index.stale_json(end))[0]) == dataclasses.asdict(a)
+    assert await index.json_meta(a.tenant_id, a.study_uid, a.series_uid) is None
+
+    first = json_of(a, a.updated_time or T0, created_time=T0, json_status=1, retry_times=2)
+    await index.save_json_metas([first])
+    assert await index.json_meta(a.tenant_id, a.study_uid, a.series_uid) == first
+    assert await pending() == [b.series_uid]
+
+    # A newer state of a: due again, until its JSON is recorded; created_time stays the first.
+    a2 = series(base_state, 1, updated=T0 + timedelta(seconds=30))
+    await index.save_state(a2)
+    assert await pending() == [b.series_uid, a.series_uid]
+    newer = json_of(a2, a2.updated_time or T0, created_time=T0 + timedelta(days=1), json_status=0, retry_times=0)
+    # a late writer of the older flag_time, in the same call and after it: never wins
+    await index.save_json_metas([newer, first])
+    await index.save_json_metas([first])
+    stored = await index.json_meta(a.tenant_id, a.study_uid, a.series_uid)
+    assert stored == dataclasses.replace(newer, created_time=T0)
+    assert await pending() == [b.series_uid]
+    # retry_times and json_status are stored as given (same flag_time: a retry)
+    await index.save_json_metas([dataclasses.replace(newer, json_status=2, retry_times=3)])
+    stored = await index.json_meta(a.tenant_id, a.study_uid, a.series_uid)
+    assert stored is not None and (stored.json_status, stored.retry_times) == (2, 3)
+    # created_time missing: stamped
+    await index.save_json_metas([json_of(b, b.updated_time or T0)])
+    got_b = await index.json_meta(b.tenant_id, b.study_uid, b.series_uid)
+    assert got_b is not None and got_b.created_time is not None
+    assert await pending() == []
