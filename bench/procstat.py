@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["cpu_seconds", "child_pids", "descendants", "rss_bytes"]
+__all__ = ["cpu_seconds", "tree_cpu_seconds", "child_pids", "descendants", "rss_bytes"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -19,6 +19,28 @@ def cpu_seconds(pid: int) -> float | None:
     # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _own_and_reaped(pid: int) -> float | None:
+    """utime + stime + cutime + cstime of ``pid``: itself and its children that exited and were waited for."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / _TICKS
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds of ``pid`` with its children: every live descendant, and those that exited (cutime).
+
+    A live descendant's own reaped children are in its cutime, so nothing is counted twice; a
+    descendant that exits between two reads and is not waited for is lost (pools rarely do).
+    """
+    own = _own_and_reaped(pid)
+    if own is None:
+        return None
+    return own + sum(_own_and_reaped(p) or 0.0 for p in descendants(pid))
 
 
 def _parents() -> dict[int, int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pstats
+import re
 import shutil
 import signal
 import subprocess
@@ -69,6 +70,8 @@ def library_of(filename: str, function: str = "") -> str | None:
     return None
 
 
+_PROCESS = re.compile(r'(?:process \d+:"[^"]*";)+')
+_PROCESS_PID = re.compile(r'process (\d+):')
 _EVENT_LOOP = {"asyncio", "selectors", "concurrent", "threading"}
 
 
@@ -165,48 +168,73 @@ _WRAPPERS = ("stdlib/asyncio/", "stdlib/selectors.py", "<frozen", "click/", "fau
              "App.main (")
 
 
-def _stage(thread: str, frames: list[tuple[str, str, str]]) -> str:
-    """Which part of the worker a sample belongs to (first matching rule)."""
+def _stage(thread: str, frames: list[tuple[str, str, str]], process: str = "") -> str:
+    """Which part of the worker a sample belongs to (first matching rule).
+
+    Agents run as asyncio tasks, so a sample inside an agent's coroutine (its stream
+    iteration, Faust's per-event work for it, its sends) is charged to that agent. With
+    ``--subprocesses``, samples of the ingest parse pool come with another process.
+    """
     files = {(func, "/".join(Path(file).parts[-2:])) for func, file, _ in frames}
     in_file = {f for _, f in files}
+    if process == "pool":
+        return "ingest parse pool (other processes: header read, extract, encode)"
     if thread != "MainThread":
-        return "other threads (Faust's aiokafka consumer)"
-    if "agents/ingest.py" in in_file:
-        if ("process", "schemas/fanout.py") in files:
-            return "ingest: fanout.process (read header, extract, encode)"
-        if "faust/topics.py" in in_file:
-            return "ingest: Topic.send of the outputs"
-        return "ingest: other (batching, agent loop)"
+        return "other threads (Faust's aiokafka consumer thread)"
+    if "agents/ingest.py" in in_file or "agents/fanout.py" in in_file:
+        if "agents/fanout.py" in in_file:
+            return "ingest: fanout in the worker (no pool)"
+        if "faust/topics.py" in in_file or "agents/lanes.py" in in_file:
+            return "ingest: sending the outputs"
+        return "ingest: batching, agent loop"
     if ("request_flushes", "agents/series.py") in files:
-        return "series flush timer"
+        return "series: flush timer"
     if "agents/series.py" in in_file:
-        return "series agent"
+        return "series window agent"
     if "agents/postgres_sink.py" in in_file:
-        return "postgres sink agent"
+        return "PostgreSQL sink agent"
+    if ("tick", "sinks/doris_batches.py") in files:
+        return "Doris sinks: flush timer (loads)"
+    if "agents/doris_sink.py" in in_file:
+        return "Doris sink agents (3)"
+    if "agents/monitoring.py" in in_file:
+        return "lag gauge"
     if any("aiokafka/producer" in file for _, file, _ in frames):
-        return "producer (aiokafka send loop, outside agents)"
+        return "producer (aiokafka sender, outside agents)"
+    if any(part in file for _, file, _ in frames for part in ("faust/transport/", "faust/tables/")):
+        return "Faust consumer/conductor/tables (outside agents)"
     if any("aiokafka/" in file for _, file, _ in frames):
         return "aiokafka other (main thread)"
     return "event loop + Faust/mode plumbing"
 
 
-def summarize_py_spy(path: Path, top: int = 25) -> Profile:
+def summarize_py_spy(path: Path, top: int = 25, main_pid: int | None = None) -> Profile:
+    """Shares of ``path`` (py-spy raw); with ``--subprocesses``, processes other than ``main_pid`` are the pool."""
     cumulative: Counter[str] = Counter()
     libraries: Counter[str] = Counter()
     threads: Counter[str] = Counter()
     stages: Counter[str] = Counter()
     total = 0
+    main = str(main_pid) if main_pid else ""
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
+        process = ""
+        # --subprocesses: 'process PID:"cmdline";' per level (a child's line names its parent first;
+        # a cmdline may hold ';').
+        if owners := _PROCESS.match(stack):
+            pid = _PROCESS_PID.findall(owners.group(0))[-1]
+            stack = stack[owners.end():]
+            main = main or pid
+            process = "" if pid == main else "pool"
         parts = stack.split(";")
-        thread = parts[0].partition(": ")[2] or parts[0] if parts[0].startswith("thread (") else "?"
+        thread = parts[0].partition(": ")[2] or parts[0] if parts and parts[0].startswith("thread (") else "?"
         frames = [_frame(f) for f in parts if not f.startswith("thread (")]
         total += count
         threads[thread] += count
-        stages[_stage(thread, frames)] += count
+        stages[_stage(thread, frames, process)] += count
         for label in {_label(func, file) for func, file, _ in frames}:
             cumulative[label] += count
         lib = next((lib for func, file, _ in reversed(frames) if (lib := library_of(file, func))), "other")
