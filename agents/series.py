@@ -23,7 +23,7 @@ from agents.sink_support import release, stopping
 from schemas import codec
 from schemas.records import DicomStateMeta
 from sinks.base import RetryAborted, retry_until_done
-from sinks.series_facts import SeriesFacts
+from sinks.series_facts import FactsBase, open_facts
 from streams.broker import Record
 from streams.topology import SERIES_INSTANCES
 from tables.series import SeriesTables, marker_key, window_start
@@ -44,7 +44,7 @@ class SeriesStage:
     """The window logic and the timer's non-durable bookkeeping (rebuilt from the table when
     the assignment changes)."""
 
-    def __init__(self, app: DicomflowApp, window_s: float, facts: SeriesFacts | None = None) -> None:
+    def __init__(self, app: DicomflowApp, window_s: float, facts: FactsBase | None = None) -> None:
         self.app = app
         self.window_s = window_s
         #: Per-instance facts in PostgreSQL: exact counts, and window state dropped once flushed.
@@ -246,7 +246,8 @@ class SeriesStage:
 
 
 def register(app: DicomflowApp, settings: Settings) -> None:
-    facts = SeriesFacts(settings.postgres_dsn) if settings.postgres_dsn is not None else None
+    # The facts live with the series index (PostgreSQL or MySQL, sinks/series_facts.py).
+    facts = open_facts(settings.index_dsn) if settings.index_dsn is not None else None
     stage = SeriesStage(app, settings.series_window_seconds, facts)
     if facts is not None:
         app.close_on_shutdown(facts.stop)

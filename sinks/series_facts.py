@@ -6,10 +6,14 @@ with a reset broker and grew the state forever. Here it is a durable fact: the s
 stage records a window's instances and reads the exact count back in one transaction,
 so a replay, a re-sent instance or a series that grows after a restart counts right,
 and the window state can be dropped as soon as its window is flushed.
+
+The facts live with the series index: in PostgreSQL here, in MySQL/MariaDB in
+sinks/mysql_facts.py when DICOMFLOW_INDEX_DSN is ``mysql://`` (:func:`open_facts` picks).
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
@@ -19,12 +23,12 @@ from datetime import datetime
 import asyncpg
 
 from core.errors import SinkError, SinkRetryableError
-from core.settings import Secret
+from core.settings import Secret, index_kind
 from sinks.base import Backoff
 from sinks.pg_pool import LazyPool
 from sinks.postgres import apply_schema
 
-__all__ = ["SeriesFacts", "SeriesFact"]
+__all__ = ["SeriesFacts", "SeriesFact", "FactsBase", "open_facts", "timestamp"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,7 @@ class SeriesFact:
     created: datetime | None
 
 
-def _timestamp(text: str | None) -> datetime | None:
+def timestamp(text: str | None) -> datetime | None:
     """The wire form of a datetime (``YYYY-MM-DD HH:MM:SS[.ffffff]``) as asyncpg wants it."""
     if not text:
         return None
@@ -63,41 +67,23 @@ def _timestamp(text: str | None) -> datetime | None:
         return None
 
 
-class SeriesFacts:
-    """Records instances of a series and returns its exact count. I/O only from :meth:`start`."""
+class FactsBase(abc.ABC):
+    """What the series stage needs of the facts, on either server."""
 
-    def __init__(self, dsn: str | Secret, *, connect_timeout: float = 10.0) -> None:
-        self.connect_timeout = connect_timeout
-        self._pool = LazyPool(dsn, apply_schema, connect_timeout=connect_timeout)
+    def __init__(self) -> None:
         self.counters: dict[str, float] = {"recorded_batches": 0, "retries": 0}
 
-    def __repr__(self) -> str:
-        return f"SeriesFacts({self._pool!r})"
+    @abc.abstractmethod
+    async def start(self) -> None: ...
 
-    async def start(self) -> None:
-        await self._pool.start()
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
 
-    async def stop(self) -> None:
-        await self._pool.stop()
-
+    @abc.abstractmethod
     async def record(self, tenant: str, study: str, series: str, sop_uids: Sequence[str],
                      created: str | None = None) -> SeriesFact:
         """Add ``sop_uids`` to the series' facts (idempotent); return its exact instance count and
         its next version (one more at every call: what orders the series' states)."""
-        try:
-            pool = await self._pool.get()
-            async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
-                row = await conn.fetchrow(_NEXT_VERSION, tenant, study, series, _timestamp(created))
-                if sop_uids:
-                    await conn.execute(_RECORD, tenant, study, series, list(sop_uids))
-                count = await conn.fetchval(_COUNT, tenant, study, series)
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError,
-                asyncpg.exceptions.CannotConnectNowError) as exc:
-            raise SinkRetryableError(f"series facts: {type(exc).__name__}: {exc}") from exc
-        except asyncpg.PostgresError as exc:
-            raise SinkError(f"series facts: {type(exc).__name__}: {exc}") from exc
-        self.counters["recorded_batches"] += 1
-        return SeriesFact(int(count), int(row["version"]), row["created_time"])
 
     async def record_with_retry(self, tenant: str, study: str, series: str, sop_uids: Sequence[str],
                                 created: str | None, should_stop: Callable[[], bool]) -> SeriesFact:
@@ -116,3 +102,48 @@ class SeriesFacts:
                 delay = backoff.next_delay()
                 log.warning("series facts unavailable (%s); retrying in %.1f s", exc.message, delay)
                 await asyncio.sleep(delay)
+
+
+def open_facts(dsn: Secret | str) -> FactsBase:
+    """The facts beside the series index of ``dsn`` (PostgreSQL or MySQL)."""
+    secret = dsn if isinstance(dsn, Secret) else Secret(dsn)
+    if index_kind(secret.get()) == "mysql":
+        from sinks.mysql_facts import MySQLSeriesFacts
+
+        return MySQLSeriesFacts(secret)
+    return SeriesFacts(secret)
+
+
+class SeriesFacts(FactsBase):
+    """Records instances of a series in PostgreSQL and returns its exact count. I/O only from :meth:`start`."""
+
+    def __init__(self, dsn: str | Secret, *, connect_timeout: float = 10.0) -> None:
+        super().__init__()
+        self.connect_timeout = connect_timeout
+        self._pool = LazyPool(dsn, apply_schema, connect_timeout=connect_timeout)
+
+    def __repr__(self) -> str:
+        return f"SeriesFacts({self._pool!r})"
+
+    async def start(self) -> None:
+        await self._pool.start()
+
+    async def stop(self) -> None:
+        await self._pool.stop()
+
+    async def record(self, tenant: str, study: str, series: str, sop_uids: Sequence[str],
+                     created: str | None = None) -> SeriesFact:
+        try:
+            pool = await self._pool.get()
+            async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
+                row = await conn.fetchrow(_NEXT_VERSION, tenant, study, series, timestamp(created))
+                if sop_uids:
+                    await conn.execute(_RECORD, tenant, study, series, list(sop_uids))
+                count = await conn.fetchval(_COUNT, tenant, study, series)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError,
+                asyncpg.exceptions.CannotConnectNowError) as exc:
+            raise SinkRetryableError(f"series facts: {type(exc).__name__}: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            raise SinkError(f"series facts: {type(exc).__name__}: {exc}") from exc
+        self.counters["recorded_batches"] += 1
+        return SeriesFact(int(count), int(row["version"]), row["created_time"])

@@ -1,4 +1,5 @@
-"""Per-instance facts in PostgreSQL: exact counts, a version per flush, the first created_time kept."""
+"""Per-instance facts beside the series index (PostgreSQL and MariaDB): exact counts, a version per
+flush, the first created_time kept."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ from datetime import datetime
 
 import pytest
 
-from sinks.series_facts import SeriesFacts
+from sinks.series_facts import open_facts
+from tests.fixtures_mysql import IndexDb
 
 pytestmark = pytest.mark.integration
 
 
-async def test_counts_are_distinct_instances_and_versions_grow(pg_dsn: str) -> None:
-    facts = SeriesFacts(pg_dsn)
+async def test_counts_are_distinct_instances_and_versions_grow(index_db: IndexDb) -> None:
+    facts = open_facts(index_db.dsn)
     await facts.start()
     try:
         first = await facts.record("t1", "1.2", "1.2.3", ["a", "b"], "2026-01-02 03:04:05.000006")
@@ -25,5 +27,8 @@ async def test_counts_are_distinct_instances_and_versions_grow(pg_dsn: str) -> N
         assert grown.created == first.created  # the series' first created_time stays
         other = await facts.record("t1", "1.2", "1.2.4", [], "not a time")
         assert (other.count, other.version, other.created) == (0, 1, None)
+        # an instance repeated within one window counts once
+        repeated = await facts.record("t1", "1.2", "1.2.4", ["x", "x", "y"], None)
+        assert (repeated.count, repeated.version) == (2, 2)
     finally:
         await facts.stop()
