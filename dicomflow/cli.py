@@ -295,18 +295,28 @@ def send(paths: tuple[Path, ...], host: str, port: int | None, aet: str | None, 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--broker", help="kafka://host:port (default: the running stack's, else DICOMFLOW_BROKER).")
-def status(as_json: bool, broker: str | None) -> None:
-    """Lag per topic and partition, dead letters by code, and the addresses in use."""
+@click.option("--health", "health_only", is_flag=True,
+              help="Health check: one line, no dead-letter count; exit 1 when a stage is stuck or a sink failing.")
+@click.option("--stuck-minutes", type=click.FloatRange(min=0.0), default=10.0, show_default=True,
+              help="Lag not moving (or a sink retrying without writing) this long is unhealthy.")
+def status(as_json: bool, broker: str | None, health_only: bool, stuck_minutes: float) -> None:
+    """Lag per topic and partition, dead letters by code, and the addresses in use.
+
+    Exits 1 when a stage is stuck (lag not moving for --stuck-minutes) or a sink is failing,
+    2 when the broker cannot be reached: usable as a health check. Each run records what it
+    saw in $DICOMFLOW_HOME/health.json and judges against a run at least that long ago.
+    """
     import asyncio
 
     from core.settings import mask_dsn
     from dicomflow.stack import read_stack_file
-    from dicomflow.status import collect_status
+    from dicomflow.status import collect_status, health
 
     settings = _settings()
     stack = read_stack_file(settings.home)
     url = broker or settings.broker or stack.get("broker") or settings.broker_url
-    report = _run_or_exit(lambda: asyncio.run(collect_status(url, settings.app_id, doris=settings.doris_enabled)))
+    report = _run_or_exit(lambda: asyncio.run(collect_status(url, settings.app_id, doris=settings.doris_enabled,
+                                                             dead_letters=not health_only)))
     if settings.postgres_dsn is not None:
         report["postgres_dsn"] = mask_dsn(settings.postgres_dsn.get())
     else:
@@ -319,9 +329,13 @@ def status(as_json: bool, broker: str | None) -> None:
 
     urls = [w["metrics"] for w in stack.get("workers", [])] or [f"http://127.0.0.1:{settings.web_port}/metrics"]
     report.update(sink_counters(urls))
+    verdict = report["health"] = health(report, settings.home / "health.json", stuck_minutes * 60.0)
+    if health_only and not as_json:
+        click.echo(_health_line(verdict, stuck_minutes))
+        sys.exit(0 if verdict["ok"] else 1)
     if as_json:
         click.echo(codec.dumps(report).decode())
-        return
+        sys.exit(0 if verdict["ok"] else 1)
     click.secho(f"broker {report['broker']}  group {report['group']}  total lag {report['total_lag']}", bold=True)
     for topic, parts in report["topics"].items():
         for p in parts:
@@ -344,6 +358,17 @@ def status(as_json: bool, broker: str | None) -> None:
         click.echo(f"  embedded broker {mem['rss_mb']} MB (recycled at {mem['recycle_mb']} MB; "
                    f"{mem['recycles']} recycles)")
     click.echo(f"  postgres {report['postgres_dsn']}")
+    click.secho(f"  {_health_line(verdict, stuck_minutes)}", fg="green" if verdict["ok"] else "red")
+    sys.exit(0 if verdict["ok"] else 1)
+
+
+def _health_line(verdict: dict[str, Any], stuck_minutes: float) -> str:
+    if verdict["judged_over_s"] is None:
+        return f"health: ok (first look; stuck stages and failing sinks are judged over {stuck_minutes:g} min)"
+    problems = [f"{s['topic']} p{s['partition']} lag {s['lag']} not moving" for s in verdict["stuck"]]
+    problems += [f"sink {name} retrying without writing" for name in verdict["failing_sinks"]]
+    over = f"over {verdict['judged_over_s'] / 60:.1f} min"
+    return f"health: ok ({over})" if verdict["ok"] else f"health: UNHEALTHY {over}: " + "; ".join(problems)
 
 
 def _tenant_line(settings: Any, *, embedded: bool) -> str:
