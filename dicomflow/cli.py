@@ -122,19 +122,31 @@ def backfill(directory: Path, tenant: str | None, broker: str | None, no_progres
 
 
 @main.command("replay-dlq")
-@click.option("--code", default=None, help="Only dead letters with this error code (e.g. FILE_MISSING).")
+@click.option("--code", "codes", multiple=True,
+              help="Only dead letters with this error code (repeat for several), e.g. FILE_MISSING.")
+@click.option("--tenant", default=None, help="Only letters of this tenant (the original's tenant_id).")
+@click.option("--since", default=None,
+              help="Only letters written since: a duration back (15m, 2h, 3d) or a date/time (2026-12-02T08:00).")
+@click.option("--topic", type=click.Choice(["storage"]), default="storage", show_default=True,
+              help="Only storage_queue_dlq holds storage events; sink letters are rows (fix, then replay the events).")
 @click.option("--broker", help="kafka://host:port (default: DICOMFLOW_BROKER, else the embedded one).")
 @click.option("--resume", is_flag=True,
-              help="Only letters no earlier --resume run (with the same --code) replayed; record this run's end.")
-def replay_dlq(code: str | None, broker: str | None, resume: bool) -> None:
-    """Re-publish dead letters to storage_queue once their cause is fixed."""
+              help="Only letters no earlier --resume run (with the same --code/--tenant) replayed; record this "
+                   "run's end.")
+def replay_dlq(codes: tuple[str, ...], tenant: str | None, since: str | None, topic: str, broker: str | None,
+               resume: bool) -> None:
+    """Re-publish dead letters to storage_queue once their cause is fixed (filters as in `dlq list`)."""
+    from feeders.deadletters import LetterFilter, parse_since
     from feeders.replay import replay_dead_letters
     from streams.broker import bootstrap_of
 
     settings = _settings(DICOMFLOW_BROKER=broker)
-    group = f"{settings.app_id}-replay-dlq-{code or 'all'}" if resume else None
+    where = _run_or_exit(lambda: LetterFilter(frozenset(codes), tenant, parse_since(since) if since else None))
+    # One progress group per filter (--since moves with time, so it is not part of the name).
+    name = "-".join(sorted(codes)) or "all"
+    group = f"{settings.app_id}-replay-dlq-{name}" + (f"-tenant-{tenant}" if tenant else "") if resume else None
     summary = _with_publisher(settings, lambda publisher: replay_dead_letters(
-        bootstrap_of(settings.broker_url), publisher, code=code, resume_group=group))
+        bootstrap_of(settings.broker_url), publisher, resume_group=group, where=where))
     click.echo(f"replay-dlq: scanned={summary.scanned} replayed={summary.replayed} by_code={summary.by_code}"
                + (f" not_replayable_truncated={summary.truncated}" if summary.truncated else "")
                + (f" already_done={summary.already_done} progress_group={group}" if group else ""))
@@ -176,64 +188,20 @@ def relay() -> None:
     """Publish the journal to the broker and checkpoint it at drained points (run by `up`)."""
     import asyncio
     import logging
-    import signal
-    import time
-    from datetime import UTC, datetime
 
     from dicomflow.stack import RELAY_NOT_DRAINED, read_stack_file
-    from feeders.dlq_archive import DeadLetterArchive
-    from feeders.publisher import EventPublisher
-    from feeders.relay import BrokerLag, Relay, WorkersSettled
-    from sinks.doris_loaded import LoadedKeys
-    from streams.broker import bootstrap_of
-    from streams.topology import TOPICS, consumed_topics
+    from feeders.relay_service import run_relay
 
     settings = _settings()
     _logging(settings.log_level)
     # The lag probe joins the group's coordinator every round: aiokafka would log each time.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
 
-    async def run() -> bool:
-        loaded = LoadedKeys(settings.postgres_dsn) if settings.postgres_dsn is not None else None
-        pruned_at = 0.0
-
-        async def prune_loaded(drained_at: float) -> None:
-            # Keys of events before the checkpoint are never needed again, and the rest only
-            # within the retention; looked at hourly.
-            nonlocal pruned_at
-            if loaded is None or drained_at - pruned_at < 3600:
-                return
-            pruned_at = drained_at
-            horizon = min(drained_at, time.time() - settings.doris_loaded_retention_hours * 3600)
-            try:
-                n = await loaded.prune(datetime.fromtimestamp(horizon, UTC))
-                logging.getLogger("dicomflow.relay").info("pruned %d Doris loaded keys", n)
-            except Exception as exc:  # pruning must never stop the relay
-                logging.getLogger("dicomflow.relay").warning("pruning the Doris loaded keys failed: %s", exc)
-
-        publisher = EventPublisher(settings.broker_url, settings.profile, partitions=settings.partitions)
-        await publisher.start()
-        lag = BrokerLag(settings.broker_url, settings.app_id, list(consumed_topics(settings.doris_enabled)))
-        workers = WorkersSettled(lambda: [w["metrics"] for w in read_stack_file(settings.home).get("workers", [])])
-        archive = DeadLetterArchive(settings.home / "deadletters", bootstrap_of(settings.broker_url), publisher,
-                                    [t.name for t in TOPICS if t.dead_letters])
-        relay = Relay(settings.journal_dir, publisher, lag, settle_s=settings.series_window_seconds + 2.0,
-                      workers=workers, archive=archive, max_ahead=settings.relay_max_ahead,
-                      on_checkpoint=prune_loaded)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await relay.run(stop)
-            return await relay.drain(settings.relay_drain_seconds)
-        finally:
-            await publisher.stop()
-            if loaded is not None:
-                await loaded.stop()
+    def workers() -> list[str]:
+        return [w["metrics"] for w in read_stack_file(settings.home).get("workers", [])]
 
     # `up` recycles the broker only after a drained relay: the exit code says which it was.
-    if not _run_or_exit(lambda: asyncio.run(run())):
+    if not _run_or_exit(lambda: asyncio.run(run_relay(settings, workers))):
         sys.exit(RELAY_NOT_DRAINED)
 
 
