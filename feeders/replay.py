@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from feeders.deadletters import Letter, LetterFilter
 from feeders.publisher import EventPublisher
-from streams.broker import kafka_client_kwargs
+from streams.broker import Record, kafka_client_kwargs
 from streams.topology import DLQ
 
 __all__ = ["ReplaySummary", "replay_dead_letters"]
@@ -40,7 +41,9 @@ class ReplaySummary:
 
 
 async def replay_dead_letters(bootstrap: str, publisher: EventPublisher, *, code: str | None = None,
-                              stage: str = "ingest", resume_group: str | None = None) -> ReplaySummary:
+                              stage: str = "ingest", resume_group: str | None = None,
+                              where: LetterFilter | None = None) -> ReplaySummary:
+    """Re-publish the letters of ``stage`` (and ``code``, and ``where``: the filters of ``dlq list``)."""
     summary = ReplaySummary()
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest", group_id=resume_group, **kafka_client_kwargs())
@@ -65,7 +68,10 @@ async def replay_dead_letters(bootstrap: str, publisher: EventPublisher, *, code
             for tp, messages in batch.items():
                 for msg in messages:
                     summary.scanned += 1
-                    await _replay_one(msg.value, msg.key, publisher, code, stage, summary)
+                    letter = Letter.of(Record(DLQ, tp.partition, msg.offset, msg.key, msg.value or b"",
+                                              (msg.timestamp or 0) / 1000.0))
+                    if where is None or where.matches(letter):
+                        await _replay_one(msg.value, msg.key, publisher, code, stage, summary)
                     if msg.offset + 1 >= ends[tp]:
                         remaining.discard(tp)
             for tp in list(remaining):
