@@ -188,6 +188,13 @@ def relay() -> None:
     """Publish the journal to the broker and checkpoint it at drained points (run by `up`)."""
     import asyncio
     import logging
+    import signal
+
+    # A stop asked for while the relay is still starting (as `up` may, right after a recycle)
+    # must drain, not kill it: noted here, before the slow imports, and honoured once it runs.
+    asked: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: asked.append(signum))
 
     from dicomflow.stack import RELAY_NOT_DRAINED, read_stack_file
     from feeders.relay_service import run_relay
@@ -201,7 +208,7 @@ def relay() -> None:
         return [w["metrics"] for w in read_stack_file(settings.home).get("workers", [])]
 
     # `up` recycles the broker only after a drained relay: the exit code says which it was.
-    if not _run_or_exit(lambda: asyncio.run(run_relay(settings, workers))):
+    if not _run_or_exit(lambda: asyncio.run(run_relay(settings, workers, stop_asked=lambda: bool(asked)))):
         sys.exit(RELAY_NOT_DRAINED)
 
 

@@ -49,8 +49,12 @@ class _LoadedPruner:
             log.warning("pruning the Doris loaded keys failed: %s", exc)
 
 
-async def run_relay(settings: Settings, worker_metrics: Callable[[], list[str]]) -> bool:
-    """Relay until a signal, then drain; True when the pipeline drained (``up`` may then recycle)."""
+async def run_relay(settings: Settings, worker_metrics: Callable[[], list[str]], *,
+                    stop_asked: Callable[[], bool] = lambda: False) -> bool:
+    """Relay until a signal, then drain; True when the pipeline drained (``up`` may then recycle).
+
+    ``stop_asked``: whether a stop signal came before this ran (then it drains at once).
+    """
     loaded = LoadedKeys(settings.postgres_dsn) if settings.postgres_dsn is not None else None
     publisher = EventPublisher(settings.broker_url, settings.profile, partitions=settings.partitions)
     await publisher.start()
@@ -67,6 +71,8 @@ async def run_relay(settings: Settings, worker_metrics: Callable[[], list[str]])
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if stop_asked():
+            stop.set()
         await relay.run(stop)
         return await relay.drain(settings.relay_drain_seconds)
     finally:
