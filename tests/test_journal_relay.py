@@ -196,3 +196,17 @@ async def test_the_relay_publishes_no_further_ahead_of_the_pipeline_than_its_bou
     assert await relay.publish_new() == 3
     assert [e["trace_id"] for _, e in broker.sent] == [f"t{i}" for i in range(7)]
     await journal.stop()
+
+
+async def test_an_idle_relay_drains_at_once(tmp_path: Path) -> None:
+    journal = JournalPublisher(tmp_path, "scp")
+    await journal.start()
+    await journal.publish({"trace_id": "t"}, None)
+    broker = Broker()
+    relay = Relay(tmp_path, broker, broker, settle_s=60.0)
+    relay.start()
+    assert await relay.drain(0.0)  # nothing published since the checkpoint: nothing to wait for
+    await relay.publish_new()
+    broker.lag = 1
+    assert not await relay.drain(0.2)  # published and not processed: not drained
+    await journal.stop()
