@@ -23,6 +23,7 @@ from schemas import codec
 from schemas.records import DicomStateMeta
 from sinks.base import retry_until_done
 from sinks.index import open_index
+from sinks.mysql import MySQLIndex
 from streams.topology import STATE
 
 if TYPE_CHECKING:
@@ -47,6 +48,11 @@ def register(app: DicomflowApp, settings: Settings) -> None:
     if sink is None:
         log.warning("neither DICOMFLOW_INDEX_DSN nor DICOMFLOW_POSTGRES_DSN is set: the series index sink is off")
         return
+    if isinstance(sink, MySQLIndex):
+        # A server that answers the DSN with a refusal (credentials, unknown database) stops the
+        # worker before it starts, with one line naming the variable and the server's answer
+        # (ConfigError). A server that is not up yet is waited for, as the sink contract says.
+        sink.preflight()
     # Faust 0.15.3 skips records here too (see agents/gaps.py): this stage had no guard.
     guard = GapGuard(app, STATE)
     guard.watch_revocations(app)

@@ -34,6 +34,7 @@ maintained one of the two for current Python and MySQL 8 authentication
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -109,7 +110,7 @@ _TRANSIENT_CODES = frozenset({
 })
 #: The server answered the connection with a refusal: a configuration error at start.
 _REFUSED_CODES = frozenset({1044, 1045, 1049, 1698, 2005})
-_COLUMN = re.compile(r"column '([^']+)'|column `[^`]*`\.`[^`]*`\.`([^`]+)`|column `([^`]+)`")
+_COLUMN = re.compile(r"column '([^']+)'|column `[^`]*`\.`[^`]*`\.`([^`]+)`|column `([^`]+)`", re.IGNORECASE)
 # MySQL quotes the refused value in some messages ("Incorrect integer value: 'x' for column"):
 # patient data that must not reach logs or dead letters' reasons.
 _QUOTED_VALUE = re.compile(r"value: '.*?' for", re.DOTALL)
@@ -297,6 +298,28 @@ class MySQLIndex(BatchingSink[DicomStateMeta]):
             self._started_once = True
             log.info("sink=mysql started dsn=%s max_size=%s schema_applied=%s", mask_dsn(self._dsn.get()),
                      self.max_size, self.apply_schema)
+
+    def preflight(self, timeout: float = 5.0) -> None:
+        """Connect once, synchronously, before the worker starts: ConfigError (one line naming the
+        variable and the server's answer) if the server refuses the DSN; any other failure
+        (not up yet, unreachable) is left to :meth:`start`, which the worker retries."""
+
+        async def probe() -> None:
+            conn = await asyncio.wait_for(asyncmy.connect(connect_timeout=timeout, **self._args), timeout + 1)
+            conn.close()
+
+        def run() -> None:
+            asyncio.run(probe())
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # the caller may own a loop
+            try:
+                pool.submit(run).result()
+            except Exception as exc:
+                error = translate(exc, "connect", first_start=True, dsn=self._dsn.get(), variable=self.variable)
+                if isinstance(error, IndexRefusedError):
+                    raise ConfigError(error.message, field=self.variable) from None
+                log.warning("%s=%s not reachable yet (%s); the worker retries", self.variable,
+                            mask_dsn(self._dsn.get()), error.message)
 
     def _alert(self, error: SinkError) -> SinkError:
         if isinstance(error, UnexpectedMySQLError):

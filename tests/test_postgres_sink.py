@@ -1,4 +1,9 @@
-"""PostgresSink against a real embedded PostgreSQL 16: rows are asserted in the database."""
+"""The series-index sink against real servers: rows are asserted in the database.
+
+Every test about semantics (upsert, newest wins, created_time, bad rows, outage and
+retry) runs on both providers, embedded PostgreSQL 16 and MariaDB (``index_db``,
+tests/fixtures_mysql.py); the rest is about PostgreSQL itself.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +22,10 @@ from core.errors import SinkDataError, SinkError, SinkRetryableError
 from dicom.extract import Extracted, extract
 from dicomflow.embedded.postgres import EmbeddedPostgres, StopMode
 from schemas.records import DicomStateMeta
-from sinks.base import Backoff, Rejected, SinkBatch, SinkItem, flush_with_retry
+from sinks.base import Backoff, BatchingSink, Rejected, SinkBatch, SinkItem, flush_with_retry
+from sinks.index import index_for_dsn
+from sinks.mysql import apply_mysql_schema, connect_args
 from sinks.postgres import (
-    COLUMNS,
     PostgresSink,
     UnexpectedPostgresError,
     _translate,
@@ -27,6 +33,7 @@ from sinks.postgres import (
     get_json_metaes,
     row_writes,
 )
+from tests.fixtures_mysql import IndexDb, MariaDB, state_rows
 from tests.fixtures_postgres import run_sync
 
 pytestmark = pytest.mark.integration
@@ -56,13 +63,8 @@ def batch_of(records: Sequence[DicomStateMeta], first_offset: int = 0) -> SinkBa
 
 
 async def fetch_rows(dsn: str) -> dict[str, dict[str, Any]]:
-    """Every dicom_state_meta row, keyed by series_uid."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM dicom_state_meta")
-    finally:
-        await conn.close()
-    return {r["series_uid"]: dict(r) for r in rows}
+    """Every dicom_state_meta row (of either server), keyed by series_uid."""
+    return await state_rows(dsn)
 
 
 async def poll(check: Any, *, timeout: float, interval: float = 0.05) -> Any:
@@ -78,8 +80,27 @@ async def poll(check: Any, *, timeout: float, interval: float = 0.05) -> Any:
         await asyncio.sleep(interval)
 
 
+IndexSink = BatchingSink[DicomStateMeta]
+
+
 @pytest.fixture
-async def sink(pg_dsn: str) -> AsyncIterator[PostgresSink]:
+def dsn(index_db: IndexDb) -> str:
+    """The test's empty database, on PostgreSQL and on MariaDB (the test runs once per server)."""
+    return index_db.dsn
+
+
+@pytest.fixture
+async def sink(dsn: str) -> AsyncIterator[Any]:
+    s = index_for_dsn(dsn)
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.stop()
+
+
+@pytest.fixture
+async def pg_sink(pg_dsn: str) -> AsyncIterator[PostgresSink]:
     s = PostgresSink(pg_dsn)
     await s.start()
     try:
@@ -89,7 +110,7 @@ async def sink(pg_dsn: str) -> AsyncIterator[PostgresSink]:
 
 
 async def test_upsert_n_series_gives_n_rows_with_all_fields(
-        sink: PostgresSink, pg_dsn: str, base_state: DicomStateMeta, caplog: pytest.LogCaptureFixture) -> None:
+        sink: Any, dsn: str, base_state: DicomStateMeta, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     n = 40
     records = [series(base_state, i, updated=T0 + timedelta(seconds=i)) for i in range(n)]
@@ -103,20 +124,20 @@ async def test_upsert_n_series_gives_n_rows_with_all_fields(
 
     assert await sink.write(batch_of(records)) == []
 
-    rows = await fetch_rows(pg_dsn)
+    rows = await fetch_rows(dsn)
     assert len(rows) == n
     for record in records:
         assert rows[record.series_uid] == dataclasses.asdict(record)
     assert rows[records[0].series_uid]["series_description"] == "\\N"
     assert rows[records[0].series_uid]["protocol_name"] == ""
     assert rows[records[1].series_uid]["patient_birth_date"] is None
-    password = pg_dsn.split(":")[2].split("@")[0]
+    password = dsn.split(":")[2].split("@")[0]
     assert password and all(password not in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("order", ["older_first", "newer_first"])
 async def test_the_version_orders_states_even_when_the_clock_went_back(
-        sink: PostgresSink, pg_dsn: str, base_state: DicomStateMeta, order: str) -> None:
+        sink: Any, dsn: str, base_state: DicomStateMeta, order: str) -> None:
     # After a DST fall-back hour, or a worker with a slower clock after a rebalance, the newer
     # state carries an earlier wall-clock time: its per-series version still makes it win.
     older = series(base_state, 1, updated=T0, patient_name="OLD", version=1, series_related_instances=10)
@@ -125,18 +146,18 @@ async def test_the_version_orders_states_even_when_the_clock_went_back(
     first, second = (older, newer) if order == "older_first" else (newer, older)
     assert await sink.write(batch_of([first], 0)) == []
     assert await sink.write(batch_of([second], 1)) == []
-    row = (await fetch_rows(pg_dsn))[newer.series_uid]
+    row = (await fetch_rows(dsn))[newer.series_uid]
     assert (row["patient_name"], row["series_related_instances"], row["version"]) == ("NEW", 11, 2)
     # and within one batch
     again = series(base_state, 2, updated=T0, patient_name="OLD", version=1)
     latest = series(base_state, 2, updated=T0 - timedelta(hours=1), patient_name="NEW", version=2)
     assert await sink.write(batch_of([latest, again] if order == "newer_first" else [again, latest], 2)) == []
-    assert (await fetch_rows(pg_dsn))[latest.series_uid]["patient_name"] == "NEW"
+    assert (await fetch_rows(dsn))[latest.series_uid]["patient_name"] == "NEW"
 
 
 @pytest.mark.parametrize("order", ["older_first", "newer_first"])
 async def test_older_update_never_overwrites_newer_across_batches(
-        sink: PostgresSink, pg_dsn: str, base_state: DicomStateMeta, order: str) -> None:
+        sink: Any, dsn: str, base_state: DicomStateMeta, order: str) -> None:
     older = series(base_state, 1, updated=T0, patient_name="OLD")
     newer = series(base_state, 1, updated=T0 + timedelta(microseconds=1), patient_name="NEW")
     first, second = (older, newer) if order == "older_first" else (newer, older)
@@ -144,13 +165,13 @@ async def test_older_update_never_overwrites_newer_across_batches(
     assert await sink.write(batch_of([first], 0)) == []
     assert await sink.write(batch_of([second], 1)) == []
 
-    row = (await fetch_rows(pg_dsn))[newer.series_uid]
+    row = (await fetch_rows(dsn))[newer.series_uid]
     assert (row["patient_name"], row["updated_time"]) == ("NEW", newer.updated_time)
 
 
 @pytest.mark.parametrize("order", ["older_first", "newer_first"])
 async def test_older_update_never_overwrites_newer_in_one_batch(
-        sink: PostgresSink, pg_dsn: str, base_state: DicomStateMeta, order: str) -> None:
+        sink: Any, dsn: str, base_state: DicomStateMeta, order: str) -> None:
     older = series(base_state, 1, updated=T0, patient_name="OLD")
     newer = series(base_state, 1, updated=T0 + timedelta(seconds=5), patient_name="NEW")
     other = series(base_state, 2, updated=T0, patient_name="OTHER")
@@ -158,14 +179,14 @@ async def test_older_update_never_overwrites_newer_in_one_batch(
 
     assert await sink.write(batch_of([pair[0], other, pair[1]])) == []
 
-    rows = await fetch_rows(pg_dsn)
+    rows = await fetch_rows(dsn)
     assert len(rows) == 2
     assert rows[newer.series_uid]["patient_name"] == "NEW"
     assert rows[other.series_uid]["patient_name"] == "OTHER"
 
 
 async def test_replay_of_an_older_batch_after_newer_changes_nothing(
-        sink: PostgresSink, pg_dsn: str, base_state: DicomStateMeta) -> None:
+        sink: Any, dsn: str, base_state: DicomStateMeta) -> None:
     old_batch = [series(base_state, i, updated=T0, patient_name="OLD") for i in range(5)]
     new_batch = [series(base_state, i, updated=T0 + timedelta(hours=1), patient_name="NEW") for i in range(5)]
     await sink.write(batch_of(old_batch))
@@ -173,13 +194,13 @@ async def test_replay_of_an_older_batch_after_newer_changes_nothing(
 
     await sink.write(batch_of(old_batch))  # e.g. a consumer rewound past committed offsets
 
-    rows = await fetch_rows(pg_dsn)
+    rows = await fetch_rows(dsn)
     assert {r["patient_name"] for r in rows.values()} == {"NEW"}
     assert sink.counters["stale_skipped"] == 5
 
 
 async def test_created_time_keeps_the_first_insert(
-        sink: PostgresSink, pg_dsn: str, base_state: DicomStateMeta) -> None:
+        sink: Any, dsn: str, base_state: DicomStateMeta) -> None:
     first = series(base_state, 1, updated=T0, created=T0, modality="CT")
     later = series(base_state, 1, updated=T0 + timedelta(days=1), created=T0 + timedelta(days=1),
                    modality="MR", series_related_instances=12)
@@ -187,47 +208,66 @@ async def test_created_time_keeps_the_first_insert(
     await sink.write(batch_of([first]))
     await sink.write(batch_of([later], 1))
 
-    row = (await fetch_rows(pg_dsn))[first.series_uid]
+    row = (await fetch_rows(dsn))[first.series_uid]
     assert row["created_time"] == T0
     assert row["updated_time"] == later.updated_time
     assert (row["modality"], row["series_related_instances"]) == ("MR", 12)
 
 
 async def test_missing_timestamps_are_stamped_not_null(
-        sink: PostgresSink, pg_dsn: str, base_state: DicomStateMeta) -> None:
+        sink: Any, dsn: str, base_state: DicomStateMeta) -> None:
     record = dataclasses.replace(series(base_state, 1), created_time=None, updated_time=None)
     before = datetime.now()
     assert await sink.write(batch_of([record])) == []
-    row = (await fetch_rows(pg_dsn))[record.series_uid]
+    row = (await fetch_rows(dsn))[record.series_uid]
     assert row["created_time"] == row["updated_time"] >= before
 
 
+async def _apply_twice_and_count_tables(dsn: str) -> int:
+    """Apply the schema twice more, directly; how many of the two index tables exist."""
+    if dsn.startswith("mysql://"):
+        import asyncmy
+
+        my = await asyncmy.connect(**connect_args(dsn), autocommit=True)
+        try:
+            await apply_mysql_schema(my)
+            await apply_mysql_schema(my)
+            async with my.cursor() as cur:
+                await cur.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = DATABASE() "
+                                  "AND table_name IN ('dicom_state_meta', 'dicom_json_meta')")
+                return int((await cur.fetchone())[0])
+        finally:
+            my.close()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await apply_schema(conn)
+        await apply_schema(conn)
+        return int(await conn.fetchval(
+            "SELECT count(*) FROM pg_tables WHERE tablename IN ('dicom_state_meta', 'dicom_json_meta')"))
+    finally:
+        await conn.close()
+
+
 async def test_schema_application_is_idempotent_and_concurrency_safe(
-        pg_dsn: str, base_state: DicomStateMeta) -> None:
-    sinks = [PostgresSink(pg_dsn) for _ in range(4)]
-    # Four workers starting at once on an empty database: the advisory lock serialises them.
+        dsn: str, base_state: DicomStateMeta) -> None:
+    sinks = [index_for_dsn(dsn) for _ in range(4)]
+    # Four workers starting at once on an empty database: the advisory lock (GET_LOCK) serialises them.
     await asyncio.gather(*(s.start() for s in sinks))
     try:
         await sinks[0].write(batch_of([series(base_state, 1)]))
-        conn = await asyncpg.connect(pg_dsn)
-        try:
-            await apply_schema(conn)
-            await apply_schema(conn)
-            tables = await conn.fetchval(
-                "SELECT count(*) FROM pg_tables WHERE tablename IN ('dicom_state_meta', 'dicom_json_meta')")
-        finally:
-            await conn.close()
+        tables = await _apply_twice_and_count_tables(dsn)
         await sinks[1].stop()
         await sinks[1].start()
     finally:
         for s in sinks:
             await s.stop()
     assert tables == 2
-    assert len(await fetch_rows(pg_dsn)) == 1  # re-applying never drops data
+    assert len(await fetch_rows(dsn)) == 1  # re-applying never drops data
 
 
 async def test_changed_series_shows_in_get_json_metaes_until_flagged(
-        sink: PostgresSink, pg_dsn: str, base_state: DicomStateMeta) -> None:
+        pg_sink: PostgresSink, pg_dsn: str, base_state: DicomStateMeta) -> None:
+    sink = pg_sink  # the same on MariaDB, through the provider interface: tests/test_mysql_index.py
     a = series(base_state, 1, updated=T0)
     b = series(base_state, 2, updated=T0 + timedelta(seconds=1))
     await sink.write(batch_of([b, a]))
@@ -275,7 +315,7 @@ async def test_changed_series_shows_in_get_json_metaes_until_flagged(
     ],
 )
 async def test_row_refused_by_postgres_is_rejected_naming_column_others_land(
-        sink: PostgresSink, pg_dsn: str, base_state: DicomStateMeta, change: dict[str, Any],
+        sink: Any, dsn: str, base_state: DicomStateMeta, change: dict[str, Any],
         column: str) -> None:
     records = [series(base_state, i) for i in range(7)]
     records[3] = dataclasses.replace(records[3], **change)
@@ -288,12 +328,12 @@ async def test_row_refused_by_postgres_is_rejected_naming_column_others_land(
     assert isinstance(error, SinkDataError)
     assert error.field == column
     assert column in error.message
-    rows = await fetch_rows(pg_dsn)
+    rows = await fetch_rows(dsn)
     assert set(rows) == {r.series_uid for i, r in enumerate(records) if i != 3}
 
 
 async def test_many_bad_rows_and_fallback_to_older_version_of_same_series(
-        sink: PostgresSink, pg_dsn: str, base_state: DicomStateMeta) -> None:
+        sink: Any, dsn: str, base_state: DicomStateMeta) -> None:
     good = [series(base_state, i) for i in range(20)]
     bad = [series(base_state, 100 + i, patient_sex="XX") for i in range(5)]
     # Series 7's newest version is refused; the older one from the same batch must land.
@@ -304,18 +344,18 @@ async def test_many_bad_rows_and_fallback_to_older_version_of_same_series(
 
     assert sorted(r.item.offset for r in rejected) == [10, 11, 12, 13, 14, 15]
     assert {r.error.field for r in rejected} == {"patient_sex"}
-    rows = await fetch_rows(pg_dsn)
+    rows = await fetch_rows(dsn)
     assert set(rows) == {r.series_uid for r in good}
     assert rows[good[7].series_uid]["updated_time"] == T0
 
 
 async def test_whole_batch_refused_is_fully_rejected(
-        sink: PostgresSink, pg_dsn: str, base_state: DicomStateMeta) -> None:
+        sink: Any, dsn: str, base_state: DicomStateMeta) -> None:
     records = [series(base_state, i, accession_number="A" * 17) for i in range(9)]
     rejected = await sink.write(batch_of(records))
     assert len(rejected) == 9
     assert all(r.error.field == "accession_number" for r in rejected)
-    assert await fetch_rows(pg_dsn) == {}
+    assert await fetch_rows(dsn) == {}
 
 
 async def test_row_writes_counts_inserts_and_updates_not_stale(
@@ -386,7 +426,36 @@ def own_server(pg_datadir: Path) -> Iterator[EmbeddedPostgres]:
         server.stop()
 
 
-async def restart_after(server: EmbeddedPostgres, sink: PostgresSink, *, min_retries: int,
+class OwnIndexServer:
+    """A server of either kind that a test may stop (cleanly, or as a crash) and start again."""
+
+    def __init__(self, kind: str, server: EmbeddedPostgres | MariaDB) -> None:
+        self.kind = kind
+        self.server = server
+
+    @property
+    def dsn(self) -> str:
+        return self.server.dsn
+
+    def stop(self, *, crash: bool = False) -> None:
+        if isinstance(self.server, MariaDB):
+            self.server.kill() if crash else self.server.stop()
+        else:
+            self.server.stop(mode=cast(StopMode, "immediate" if crash else "fast"))
+
+    def start(self) -> None:
+        self.server.start()
+
+
+@pytest.fixture(params=["postgres", "mysql"])
+def own_index(request: pytest.FixtureRequest) -> OwnIndexServer:
+    """A series-index server of its own (PostgreSQL, then MariaDB) for outage tests."""
+    if request.param == "postgres":
+        return OwnIndexServer("postgres", request.getfixturevalue("own_server"))
+    return OwnIndexServer("mysql", request.getfixturevalue("own_mysql"))
+
+
+async def restart_after(server: OwnIndexServer | EmbeddedPostgres, sink: Any, *, min_retries: int,
                         down_for: float) -> None:
     """Start ``server`` again once ``sink`` has visibly retried and ``down_for`` has passed."""
     loop = asyncio.get_running_loop()
@@ -400,10 +469,11 @@ async def restart_after(server: EmbeddedPostgres, sink: PostgresSink, *, min_ret
     await asyncio.to_thread(server.start)
 
 
-@pytest.mark.parametrize("mode", ["fast", "immediate"])
-async def test_flush_retries_while_postgres_is_down_and_completes_after_restart(
-        own_server: EmbeddedPostgres, base_state: DicomStateMeta, mode: str) -> None:
-    sink = PostgresSink(own_server.dsn, max_size=2)
+@pytest.mark.parametrize("mode", ["clean", "crash"])
+async def test_flush_retries_while_the_index_is_down_and_completes_after_restart(
+        own_index: OwnIndexServer, base_state: DicomStateMeta, mode: str) -> None:
+    own_server = own_index
+    sink = index_for_dsn(own_server.dsn, max_size=2)
     await sink.start()
     rejected_seen: list[Rejected[DicomStateMeta]] = []
 
@@ -415,7 +485,7 @@ async def test_flush_retries_while_postgres_is_down_and_completes_after_restart(
             sink.add(SinkItem(value=r, key=r.key, topic=TOPIC, partition=0, offset=offset))
         assert await flush_with_retry(sink, on_rejected=on_rejected) == 10  # pool connections are warm
 
-        await asyncio.to_thread(own_server.stop, mode=cast(StopMode, mode))
+        await asyncio.to_thread(own_server.stop, crash=mode == "crash")
         more = [series(base_state, i, updated=T0 + timedelta(hours=1), patient_name="AFTER")
                 for i in range(5, 30)]
         for offset, r in enumerate(more, 10):
@@ -435,10 +505,11 @@ async def test_flush_retries_while_postgres_is_down_and_completes_after_restart(
     assert sum(r["patient_name"] == "AFTER" for r in rows.values()) == 25
 
 
-async def test_sink_started_while_postgres_is_down_recovers_on_write(
-        own_server: EmbeddedPostgres, base_state: DicomStateMeta) -> None:
+async def test_sink_started_while_the_index_is_down_recovers_on_write(
+        own_index: OwnIndexServer, base_state: DicomStateMeta) -> None:
+    own_server = own_index
     await asyncio.to_thread(own_server.stop)
-    sink = PostgresSink(own_server.dsn, connect_timeout=2)
+    sink = index_for_dsn(own_server.dsn, connect_timeout=2)
     with pytest.raises(SinkRetryableError):
         await sink.start()
 
