@@ -15,7 +15,7 @@ __all__ = ["register_all"]
 
 
 def register_all(app: DicomflowApp, settings: Settings) -> None:
-    from agents import doris_sink, ingest, monitoring, postgres_sink, series
+    from agents import doris_sink, ingest, live_page, monitoring, postgres_sink, series
 
-    for stage in (ingest, series, postgres_sink, doris_sink, monitoring):
+    for stage in (ingest, series, postgres_sink, doris_sink, monitoring, live_page):
         stage.register(app, settings)

@@ -6,6 +6,12 @@ adds dead letters by code, sink counters (batches, rows, rejected rows, retries,
 latency), series-window flushes, and ``dicomflow_consumer_lag`` (end offset minus the
 group's committed offset, refreshed by a timer).
 
+For the alert rules (ops/prometheus/alerts.yml) it also exports the series window as
+gauges: windows open, the configured window, when a window last flushed and how long
+instances have waited in open windows without a flush (:class:`FlushWatch`, observed by a
+1 s timer of agents/live_page.py and at every scrape). An alert on counters alone cannot
+say "no flush for 3 windows": a 5 s window is shorter than most scrape intervals.
+
 Stages publish their plain counter dicts with :func:`register_counters`; they are
 read at scrape time, so sinks stay free of any metrics dependency.
 """
@@ -13,6 +19,7 @@ read at scrape time, so sinks stay free of any metrics dependency.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -20,7 +27,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "setup_metrics"]
+__all__ = ["Metrics", "FlushWatch", "setup_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +59,48 @@ class _StageCollector(Collector):
         for (topic, partition), value in sorted(self.metrics.lag.items()):
             lag.add_metric([topic, str(partition)], float(value))
         yield lag
+        yield from self.metrics.series_gauges(time.time())
+
+
+class FlushWatch:
+    """When the series window last flushed, and since when instances wait in open windows
+    without a flush (None: nothing waits). Fed with the stage's counters by :meth:`observe`.
+
+    Under steady traffic a flush comes about one window after the previous one, so the wait
+    stays near one window; it grows without bound only when flushes stop while windows hold
+    instances. An idle hour followed by one instance starts the wait at that instance.
+    """
+
+    def __init__(self, now: float) -> None:
+        #: Process start until the first flush: "no flush since start" counts from there.
+        self.last_flush = now
+        self.waiting_since: float | None = None
+        self._flushes: float | None = None
+
+    def observe(self, flushes: float, windows_open: float, now: float) -> None:
+        flushed = self._flushes is not None and flushes != self._flushes
+        self._flushes = flushes
+        if flushed:
+            self.last_flush = now
+            self.waiting_since = now if windows_open > 0 else None
+        elif windows_open <= 0:
+            self.waiting_since = None
+        elif self.waiting_since is None:
+            self.waiting_since = now
+
+    def wait_s(self, now: float) -> float:
+        return 0.0 if self.waiting_since is None else max(0.0, now - self.waiting_since)
 
 
 class Metrics:
     """dicomflow's metrics; created with the app, registered once."""
 
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(self, registry: CollectorRegistry = REGISTRY, *, series_window_s: float | None = None) -> None:
+        #: The registry ``/metrics`` serves (Faust's sensor and this collector), for in-process readers
+        #: such as the live page.
+        self.registry = registry
+        self.series_window_s = series_window_s
+        self.flush_watch = FlushWatch(time.time())
         self.stages: dict[str, Mapping[str, float]] = {}
         self.lag: dict[tuple[str, int], int] = {}
         self.dead_letters = Counter("dicomflow_dead_letters_total", "Dead letters by stage and error code",
@@ -67,6 +110,33 @@ class Metrics:
     def register_counters(self, name: str, counters: Mapping[str, float]) -> None:
         self.stages[name] = counters
 
+    def observe(self, now: float) -> None:
+        """Feed :class:`FlushWatch` from the series stage's counters (a timer calls this every second)."""
+        window = self.stages.get("series_window")
+        if window is not None:
+            self.flush_watch.observe(float(window.get("flushes", 0)), float(window.get("windows_unsettled", 0)), now)
+
+    def series_gauges(self, now: float) -> Iterator[Any]:
+        window = self.stages.get("series_window")
+        if window is None:
+            return
+        self.observe(now)
+        gauges: list[tuple[str, str, float]] = [
+            ("dicomflow_series_windows_open", "Series windows holding instances not flushed yet (plus one while "
+             "the worker rebalances)", float(window.get("windows_unsettled", 0))),
+            ("dicomflow_series_last_flush_timestamp_seconds", "Unix time of the last series-window flush "
+             "(process start until the first)", self.flush_watch.last_flush),
+            ("dicomflow_series_flush_wait_seconds", "How long instances have waited in open windows without any "
+             "flush (0: none waiting)", self.flush_watch.wait_s(now)),
+        ]
+        if self.series_window_s is not None:
+            gauges.append(("dicomflow_series_window_seconds", "The series window (DICOMFLOW_SERIES_WINDOW_SECONDS)",
+                           float(self.series_window_s)))
+        for name, doc, value in gauges:
+            family = GaugeMetricFamily(name, doc)
+            family.add_metric([], value)
+            yield family
+
 
 def setup_metrics(app: Any) -> Metrics:
     """Faust's Prometheus sensor at ``/metrics`` plus dicomflow's collector, in a registry of
@@ -75,4 +145,5 @@ def setup_metrics(app: Any) -> Metrics:
 
     registry = CollectorRegistry()
     setup_prometheus_sensors(app, pattern="/metrics", registry=registry, name_prefix="dicomflow_faust")
-    return Metrics(registry)
+    settings = getattr(app, "settings", None)
+    return Metrics(registry, series_window_s=getattr(settings, "series_window_seconds", None))
