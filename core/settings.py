@@ -341,6 +341,25 @@ class Settings:
     broker_security: BrokerSecurity = field(default_factory=BrokerSecurity)
     #: DICOMFLOW_INDEX_DSN as given (postgresql:// or mysql://); unset: the index is postgres_dsn.
     index_url: Secret | None = None
+    # --- series JSON (issue #16; agents/series_json.py) ---
+    #: Generate series JSON documents (needs a series index).
+    json_enabled: bool = True
+    #: Root of the documents (``{root}/{tenant}/metadata/{date}/{study}/{series}.json``); None: storage_root.
+    json_root: Path | None = None
+    #: A series is written once it has had no new state for this long.
+    json_quiet_seconds: float = 300.0
+    #: Base64 length above which a binary value becomes a BulkDataURI.
+    json_bulk_threshold: int = 1024
+    #: Prefix of every BulkDataURI (the WADO-RS root); empty: relative URIs.
+    json_bulkdata_base: str = ""
+    #: Write ``.json.gz`` instead of ``.json``.
+    json_gzip: bool = False
+    #: Consumer lag (events, over the app's consumed topics) above which JSON work waits.
+    json_max_lag: int = 1000
+    #: Failed generations of one state retried (backoff from json_retry_seconds, doubling, capped at 1 h).
+    json_max_retries: int = 5
+    json_retry_seconds: float = 30.0
+    # --- end series JSON ---
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -444,6 +463,17 @@ class Settings:
             doris_loaded_retention_hours=_float(env, "DICOMFLOW_DORIS_LOADED_RETENTION_HOURS", 168.0, minimum=0.0),
             tansu_log=env.get("TANSU_LOG") or "warn",
             index_url=Secret(index_url) if index_url else None,
+            # --- series JSON (issue #16) ---
+            json_enabled=_flag(env, "DICOMFLOW_JSON", default=True),
+            json_root=Path(env["DICOMFLOW_JSON_ROOT"]).expanduser() if env.get("DICOMFLOW_JSON_ROOT") else None,
+            json_quiet_seconds=_float(env, "DICOMFLOW_JSON_QUIET_SECONDS", 300.0, minimum=0.0),
+            json_bulk_threshold=_int(env, "DICOMFLOW_JSON_BULK_THRESHOLD", 1024, minimum=4),
+            json_bulkdata_base=(env.get("DICOMFLOW_JSON_BULKDATA_BASE") or "").rstrip("/"),
+            json_gzip=_flag(env, "DICOMFLOW_JSON_GZIP", default=False),
+            json_max_lag=_int(env, "DICOMFLOW_JSON_MAX_LAG", 1000, minimum=0),
+            json_max_retries=_int(env, "DICOMFLOW_JSON_MAX_RETRIES", 5, minimum=0),
+            json_retry_seconds=_float(env, "DICOMFLOW_JSON_RETRY_SECONDS", 30.0, minimum=0.0),
+            # --- end series JSON ---
         )
 
     def doris_table(self, kind: str) -> str:
@@ -452,6 +482,11 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def json_documents_root(self) -> Path:
+        """Where series JSON documents live: DICOMFLOW_JSON_ROOT, else the storage root (the seeds')."""
+        return self.json_root if self.json_root is not None else self.storage_root
 
     @property
     def embedded_broker(self) -> bool:

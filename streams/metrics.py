@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -105,6 +105,23 @@ class Metrics:
         self.lag: dict[tuple[str, int], int] = {}
         self.dead_letters = Counter("dicomflow_dead_letters_total", "Dead letters by stage and error code",
                                     ["stage", "code"], registry=registry)
+        # --- series JSON (issue #16): names the operators' page and dashboards rely on ---
+        self.json_documents = Counter("dicomflow_json_documents", "Series JSON documents generated, by result",
+                                      ["result"], registry=registry)
+        for result in ("ok", "failed"):
+            self.json_documents.labels(result)
+        self.json_bytes = Counter("dicomflow_json_bytes", "Bytes of series JSON documents written", registry=registry)
+        self.json_stale_series = Gauge("dicomflow_json_stale_series",
+                                       "Series whose JSON is missing or older than their state (this worker's)",
+                                       registry=registry)
+        self.json_oldest_stale_seconds = Gauge("dicomflow_json_oldest_stale_seconds",
+                                               "Age of the oldest state not yet covered by its series JSON",
+                                               registry=registry)
+        self.json_generation_seconds = Histogram("dicomflow_json_generation_seconds",
+                                                 "Time to generate and write one series JSON document",
+                                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+                                                 registry=registry)
+        # --- end series JSON ---
         registry.register(_StageCollector(self))
 
     def register_counters(self, name: str, counters: Mapping[str, float]) -> None:
