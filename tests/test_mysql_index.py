@@ -6,19 +6,27 @@ read back through the provider interface and, where it matters, straight from th
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import orjson
 import pytest
 
-from core.errors import SinkDataError
+from core.errors import SinkDataError, SinkRetryableError
 from core.settings import Settings
 from dicom.extract import Extracted, extract
+from dicomflow.embedded.ports import free_port
 from schemas.records import DicomJsonMeta, DicomStateMeta
 from sinks.index import SeriesIndex, index_for_dsn, open_index
-from tests.fixtures_mysql import IndexDb
+from sinks.mysql import MySQLIndex
+from tests.fixtures_mysql import PASSWORD, IndexDb, MariaDB
+from tests.harness import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -125,3 +133,72 @@ async def test_json_bookkeeping_upserts_and_stale_json_follows_it(
     got_b = await index.json_meta(b.tenant_id, b.study_uid, b.series_uid)
     assert got_b is not None and got_b.created_time is not None
     assert await pending() == []
+
+
+# -- the command line -------------------------------------------------------------------
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicomflow.cli", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMFLOW_")}
+    return {**env, "DICOMFLOW_HOME": str(tmp_path / "home"), **extra}
+
+
+async def test_series_command_lists_a_studys_series(index: SeriesIndex, index_db: IndexDb,
+                                                    base_state: DicomStateMeta, tmp_path: Path) -> None:
+    states = [series(base_state, i, series_number=i + 1, modality="MR", series_related_instances=10 + i)
+              for i in range(3)]
+    assert await index.save_states(states) == []
+    env = _env(tmp_path, DICOMFLOW_INDEX_DSN=index_db.dsn)
+
+    table = await asyncio.to_thread(_cli, env, "series", "--tenant", base_state.tenant_id,
+                                    "--study", base_state.study_uid)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert f"series {len(states)}" in lines[0] and base_state.patient_id in lines[0]
+    assert [line.split()[0] for line in lines[2:]] == [s.series_uid for s in states]
+    assert all(" MR " in line for line in lines[2:]) and " 12 " in lines[4]
+    assert "Idx-S3cret" not in table.stdout + table.stderr
+
+    as_json = await asyncio.to_thread(_cli, env, "series", "--tenant", base_state.tenant_id,
+                                      "--study", base_state.study_uid, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    got = orjson.loads(as_json.stdout)
+    assert [g["series_uid"] for g in got] == [s.series_uid for s in states]
+    assert got[0]["study_date"] == base_state.study_date.isoformat() and got[2]["series_related_instances"] == 12
+
+    none = await asyncio.to_thread(_cli, env, "series", "--tenant", "nobody", "--study", base_state.study_uid)
+    assert none.returncode == 1 and "no series" in none.stderr
+
+
+def test_series_command_without_an_index_says_what_to_set(tmp_path: Path) -> None:
+    result = _cli(_env(tmp_path), "series", "--tenant", "t", "--study", "1.2")
+    assert result.returncode == 2 and "DICOMFLOW_INDEX_DSN" in result.stderr
+
+
+@pytest.mark.parametrize(("change", "answer"), [({"password": "Wr0ngSecret"}, "(1045) Access denied"),
+                                                ({"database": "no_such_db"}, "(1049) Unknown database")])
+def test_a_mysql_dsn_the_server_refuses_stops_the_worker_with_one_line(
+        mysql_server: MariaDB, tmp_path: Path, change: dict[str, str], answer: str) -> None:
+    dsn = mysql_server.dsn_for(change.get("database", "dicomflow"))
+    if "password" in change:
+        dsn = dsn.replace(f":{PASSWORD}@", f":{change['password']}@")
+    # An unreachable broker: the index is checked before the worker connects to anything.
+    env = _env(tmp_path, DICOMFLOW_INDEX_DSN=dsn, DICOMFLOW_BROKER="kafka://127.0.0.1:9")
+    result = _cli(env, "worker")
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "DICOMFLOW_INDEX_DSN" in lines[0] and answer in lines[0] and "mysql://dicomflow:****@" in lines[0]
+    assert "Wr0ngSecret" not in lines[0] and PASSWORD not in lines[0]
+
+
+def test_a_mysql_server_not_up_yet_is_waited_for_not_fatal(tmp_path: Path) -> None:
+    index = MySQLIndex(f"mysql://u:pw@127.0.0.1:{free_port()}/db", connect_timeout=1)
+    index.preflight(timeout=1)  # refused: no server answered; the worker retries later
+    with pytest.raises(SinkRetryableError):
+        asyncio.run(index.start())
