@@ -202,3 +202,26 @@ def test_a_mysql_server_not_up_yet_is_waited_for_not_fatal(tmp_path: Path) -> No
     index.preflight(timeout=1)  # refused: no server answered; the worker retries later
     with pytest.raises(SinkRetryableError):
         asyncio.run(index.start())
+
+
+def test_compose_mysql_profile_runs_mariadb_as_the_index() -> None:
+    import shutil
+
+    import yaml
+
+    compose_file = REPO / "docker-compose.yml"
+    services = yaml.safe_load(compose_file.read_text())["services"]
+    mariadb, worker = services["mariadb"], services["worker-mysql"]
+    assert mariadb["profiles"] == ["mysql"] and worker["profiles"] == ["mysql"]
+    assert mariadb["image"].startswith("mariadb:10.11")
+    assert "./schemas/sql/mysql.sql:/docker-entrypoint-initdb.d/10-dicomflow.sql:ro" in mariadb["volumes"]
+    env = worker["environment"]
+    assert env["DICOMFLOW_INDEX_DSN"].startswith("mysql://") and "@mariadb:3306/" in env["DICOMFLOW_INDEX_DSN"]
+    assert env["DICOMFLOW_POSTGRES_DSN"] == "" and "postgres" not in worker["depends_on"]
+    assert worker["depends_on"]["mariadb"] == {"condition": "service_healthy"}
+    tool = shutil.which("docker-compose")
+    assert tool, "docker-compose is missing (.ci/run installs Debian's)"
+    proc = subprocess.run([tool, "-f", str(compose_file), "--profile", "mysql", "config", "--services"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert {"mariadb", "worker-mysql"} <= set(proc.stdout.split())
