@@ -19,3 +19,6 @@ def register_all(app: DicomflowApp, settings: Settings) -> None:
 
     for stage in (ingest, series, postgres_sink, doris_sink, monitoring, live_page):
         stage.register(app, settings)
+    from agents import series_json  # issue #16: series JSON documents (and their web views)
+
+    series_json.register(app, settings)
