@@ -322,6 +322,9 @@ def status(as_json: bool, broker: str | None, health_only: bool, stuck_minutes: 
     for sink, values in sorted(report["sinks"].items()):
         fields = " ".join(f"{k}={v:g}" for k, v in sorted(values.items()))
         click.echo(f"  sink {sink}: {fields}")
+    stale = report.get("json") or {}
+    click.echo(f"  series JSON: stale series={stale.get('stale_series', 0):g} "
+               f"oldest={stale.get('oldest_stale_seconds', 0):.0f}s")
     for name, child in sorted(report["children"].items()):
         if child.get("restarts") or not child.get("running", True):
             click.echo(f"  {name}: {'running' if child.get('running') else 'down'}, restarts={child.get('restarts')}, "

@@ -57,6 +57,8 @@ def sink_counters(metrics_urls: list[str], timeout: float = 3.0) -> dict[str, An
 
     sinks: dict[str, dict[str, float]] = {}
     unreachable: list[str] = []
+    # Series JSON (#16): series whose JSON is older than their state, summed over workers; the oldest.
+    json_stale: dict[str, float] = {"stale_series": 0.0, "oldest_stale_seconds": 0.0}
     for url in metrics_urls:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - operator-given URL
@@ -65,6 +67,12 @@ def sink_counters(metrics_urls: list[str], timeout: float = 3.0) -> dict[str, An
             unreachable.append(url)
             continue
         for family in text_string_to_metric_families(text):
+            if family.name in ("dicomflow_json_stale_series", "dicomflow_json_oldest_stale_seconds"):
+                what = family.name.removeprefix("dicomflow_json_")
+                for sample in family.samples:
+                    json_stale[what] = (json_stale[what] + sample.value if what == "stale_series"
+                                        else max(json_stale[what], sample.value))
+                continue
             if not family.name.startswith("dicomflow_sink_"):
                 continue
             what = family.name.removeprefix("dicomflow_sink_")
@@ -73,7 +81,7 @@ def sink_counters(metrics_urls: list[str], timeout: float = 3.0) -> dict[str, An
                     continue
                 entry = sinks.setdefault(sample.labels.get("sink", "?"), {})
                 entry[what] = entry.get(what, 0.0) + sample.value
-    return {"sinks": sinks, "unreachable": unreachable}
+    return {"sinks": sinks, "unreachable": unreachable, "json": json_stale}
 
 
 # -- health (``status --health``, #18 item 6) --

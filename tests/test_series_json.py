@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agents.series_json import SeriesJsonStage
 from core.settings import Settings
 from dicomflow.embedded.broker import EmbeddedBroker
+from dicomflow.status import sink_counters
 from schemas.records import DicomStateMeta
 from sinks.index import open_index
 from sinks.json_documents import document_path
@@ -169,6 +170,11 @@ async def test_series_json_generated_served_and_regenerated_once(fresh_broker: E
 
         await _until(stale_again, "the grown series in get_json_metaes", timeout=60)
 
+        async def status_shows_stale() -> bool:  # what `dicomflow status` prints, scraped from the worker
+            return sink_counters([f"{web}/metrics"])["json"]["stale_series"] == 1
+
+        await _until(status_shows_stale, "status showing the stale series", timeout=30)
+
         async def rewritten() -> asyncpg.Record | None:
             got = await written()
             return got[0] if got and got[0]["flag_time"] != first_flag else None
@@ -176,10 +182,11 @@ async def test_series_json_generated_served_and_regenerated_once(fresh_broker: E
         await _until(rewritten, "the regenerated JSON")
         assert len(json.loads(path.read_bytes())) == 8
         # Once: nothing more after several quiet periods (the series' flushes are all covered).
-        await asyncio.sleep(3 * QUIET_S)
+        await asyncio.sleep(2 * QUIET_S + 1)
         assert _metric(web, "dicomflow_json_documents_total", {"result": "ok"}) == 2
         assert _metric(web, "dicomflow_json_stale_series") == 0
         assert _metric(web, "dicomflow_json_oldest_stale_seconds") == 0
+        assert sink_counters([f"{web}/metrics"])["json"] == {"stale_series": 0, "oldest_stale_seconds": 0}
 
         # A series the stage cannot find files for (backfilled from another layout) fails, is
         # retried once (DICOMFLOW_JSON_MAX_RETRIES=1), then reported and left.
