@@ -258,9 +258,11 @@ def _refusal(assoc: Any, called_aet: str, calling_aet: str, host: str, port: int
         return _Refusal(reason, cause, f"association rejected permanently by {where}: {cause}. Remedy: {remedy}.")
     if assoc.is_aborted:
         return _Refusal(f"association aborted by {where}", "association aborted")
-    return _Refusal(f"cannot associate with {where}", "no association (nothing answered)",
-                    f"no DICOM association with {where}: nothing answered. Remedy: start the SCP (`dicomflow up` "
-                    "or `dicomflow scp`), or give its address with --host/--port (DICOMFLOW_SCP_PORT).")
+    return _Refusal(f"cannot associate with {where}", "no association (refused, TLS failed, or no answer)",
+                    f"no DICOM association with {where}: the connection was refused, the TLS handshake failed, or "
+                    "nothing answered. Remedy: start the SCP (`dicomflow up` or `dicomflow scp`) or give its address "
+                    "with --host/--port (DICOMFLOW_SCP_PORT); with TLS, trust its certificate with --tls-ca and "
+                    "--tls-server-name.")
 
 
 def _send_batch(batch: list[_Item], contexts: list[tuple[str, str]], host: str, port: int,
