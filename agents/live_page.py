@@ -47,6 +47,8 @@ RING_SPAN_S = 15 * 60.0
 SAMPLE_S = 1.0
 #: Broker reads (offsets, new dead letters) are shared by every viewer for this long.
 CACHE_S = 2.0
+#: A broker that does not answer must not hold the page: it shows the last known figures instead.
+BROKER_TIMEOUT_S = 8.0
 #: Dead letters read per partition per refresh: a huge topic is counted over several refreshes.
 LETTER_CHUNK = 5000
 LAST_LETTERS = 10
@@ -193,7 +195,10 @@ class LiveSource:
                 return self._cache[1]
             broker_error = None
             try:
-                await self._refresh_broker()
+                await asyncio.wait_for(self._refresh_broker(), BROKER_TIMEOUT_S)
+            except TimeoutError:
+                broker_error = f"no answer within {BROKER_TIMEOUT_S:g} s"
+                log.warning("live page: broker read failed: %s", broker_error)
             except Exception as exc:  # the page must show what it has, never take the worker down
                 broker_error = f"{type(exc).__name__}: {exc}"
                 log.warning("live page: broker read failed: %s", broker_error)

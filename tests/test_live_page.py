@@ -358,3 +358,28 @@ def test_flush_watch() -> None:
     assert watch.wait_s(100.0) == 0.0 and watch.last_flush == 40.0
     watch.observe(flushes=2, windows_open=1, now=3600.0)  # after an idle hour, one instance
     assert watch.wait_s(3601.0) == 1.0
+
+
+async def test_page_answers_at_root_and_says_when_the_broker_is_unreachable(tmp_path: Path) -> None:
+    """`/` is the live page (ahead of Faust's index, mounted there too), and a broker that cannot be
+    read gives a page that says so, not an error."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from core.settings import Settings
+    from dicomflow.embedded.ports import free_port
+    from streams.app import create_app
+
+    env = {"DICOMFLOW_HOME": str(tmp_path), "DICOMFLOW_BROKER": f"kafka://127.0.0.1:{free_port()}",
+           "DICOMFLOW_WORKER_ID": "w-<unreachable>"}
+    app = create_app(Settings.from_env(env))
+    app.web.init_server()  # applies Faust's blueprints too, as the worker does
+    async with TestClient(TestServer(app.web.web_app)) as client:  # type: ignore[attr-defined]
+        resp = await client.get("/")
+        text = await resp.text()
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/html"), text
+        assert "dicomflow live" in text and "Broker not readable" in text and "w-&lt;unreachable&gt;" in text
+        data = await (await client.get("/live.json")).json()
+        assert data["broker_error"] and data["worker"] == "w-<unreachable>"
+        assert data["series"]["window_seconds"] == 5.0
+        body = await (await client.get("/live.html")).text()
+        assert body.startswith('<div id="snapshot"')
