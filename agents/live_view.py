@@ -64,7 +64,7 @@ def sparkline(points: list[list[float]], span_s: float, *, width: int = 300, hei
             f'<line x1="0" y1="{height - 1}" x2="{width}" y2="{height - 1}" class="axis"/>'
             + (f'<polygon points="{area}" class="area"/><polyline points="{line}" class="line"/>' if coords else
                f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" class="muted">collecting…</text>')
-            + f'<text x="{width - 2}" y="11" text-anchor="end" class="peak">peak {_n(round(peak, 1))}/s</text>'
+            + f'<text x="2" y="11" class="peak">peak {_n(round(peak, 1))}/s</text>'
             f'<text x="2" y="{height - 4}" class="muted">−{span_s / 60:.0f} min</text></svg>')
 
 
