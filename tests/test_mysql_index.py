@@ -225,3 +225,67 @@ def test_compose_mysql_profile_runs_mariadb_as_the_index() -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert {"mariadb", "worker-mysql"} <= set(proc.stdout.split())
+
+
+# -- configuration and classification (no server) ---------------------------------------
+
+
+def test_index_dsn_selects_the_provider_and_is_masked(tmp_path: Path) -> None:
+    from core.errors import ConfigError
+
+    home = {"DICOMFLOW_HOME": str(tmp_path)}
+    mysql = Settings.from_env({**home, "DICOMFLOW_INDEX_DSN": "mysql://u:T0pSecret@db:3306/idx",
+                               "DICOMFLOW_POSTGRES_DSN": "postgresql://p:PgSecret@pg/x"})
+    assert mysql.index_dsn is not None and mysql.index_dsn.get().startswith("mysql://")
+    assert mysql.index_dsn_variable == "DICOMFLOW_INDEX_DSN"
+    assert mysql.postgres_dsn is not None  # still there for the PostgreSQL helpers
+    described = str(mysql.describe())
+    assert "T0pSecret" not in described and "PgSecret" not in described and "mysql://u:****@db:3306/idx" in described
+    legacy = Settings.from_env({**home, "DICOMFLOW_POSTGRES_DSN": "postgresql://p:PgSecret@pg/x"})
+    assert legacy.index_dsn == legacy.postgres_dsn and legacy.index_dsn_variable == "DICOMFLOW_POSTGRES_DSN"
+    pg_index = Settings.from_env({**home, "DICOMFLOW_INDEX_DSN": "postgresql://p@pg/x"})
+    assert pg_index.postgres_dsn is not None and pg_index.postgres_dsn.get() == "postgresql://p@pg/x"
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**home, "DICOMFLOW_INDEX_DSN": "oracle://u:Hidden@db/x"})
+    assert info.value.field == "DICOMFLOW_INDEX_DSN" and "Hidden" not in info.value.message
+    with pytest.raises(ConfigError, match="names no database"):
+        MySQLIndex("mysql://u:pw@db:3306/")
+    assert "pw" not in repr(MySQLIndex("mysql://u:pw@db:3306/x"))
+
+
+def test_mysql_errors_are_classified_for_the_sink_contract() -> None:
+    from asyncmy import errors
+
+    from core.errors import SinkError
+    from sinks.mysql import IndexRefusedError, UnexpectedMySQLError, _data_error, translate
+
+    retryable = [OSError("refused"), TimeoutError(), errors.InterfaceError(0, ""),
+                 errors.OperationalError(2003, "Can't connect"), errors.OperationalError(2013, "Lost connection"),
+                 errors.OperationalError(1213, "Deadlock found"), errors.OperationalError(1205, "Lock wait timeout"),
+                 errors.OperationalError(1053, "Server shutdown in progress"), errors.OperationalError(1040, "Too many")]
+    for exc in retryable:
+        error = translate(exc, "write")
+        assert isinstance(error, SinkRetryableError) and not isinstance(error, UnexpectedMySQLError), exc
+    # A dropped table, a REVOKE, a rotated password mid-run: retried with an alert, never acked.
+    for exc in [errors.ProgrammingError(1146, "Table 'x' doesn't exist"),
+                errors.OperationalError(1045, "Access denied"), errors.OperationalError(1142, "command denied")]:
+        assert isinstance(translate(exc, "write"), UnexpectedMySQLError), exc
+    refused = translate(errors.OperationalError(1045, "Access denied for user 'u'"), "connect", first_start=True,
+                        dsn="mysql://u:Pw@h:1/d")
+    assert isinstance(refused, IndexRefusedError) and isinstance(refused, SinkError)
+    assert not isinstance(refused, SinkRetryableError) and "Pw" not in refused.message
+    # The refused value is patient data: it never reaches the reason.
+    data = _data_error(errors.DataError(1366, "Incorrect integer value: 'SMITH^JOHN' for column "
+                                              "`db`.`dicom_state_meta`.`series_number` at row 3"))
+    assert data.field == "series_number" and "SMITH" not in data.message
+
+
+def test_a_mysql_index_registers_the_state_stage(tmp_path: Path) -> None:
+    from streams.app import create_app
+
+    # Nothing listens on port 9: the preflight leaves it to the worker's retries.
+    settings = Settings.from_env({"DICOMFLOW_HOME": str(tmp_path), "DICOMFLOW_BROKER": "kafka://127.0.0.1:9",
+                                  "DICOMFLOW_INDEX_DSN": "mysql://u:pw@127.0.0.1:9/idx"})
+    app = create_app(settings)
+    assert "postgres_sink" in {agent.name for agent in app.agents.values()}
+    assert "mysql" in app.metrics.stages and "series_facts" in app.metrics.stages
