@@ -1,6 +1,6 @@
 """Series window + series-index sink on real Tansu and a real index server, with real worker processes.
 
-The kill and outage tests run with PostgreSQL and with MariaDB as the index
+The outage test runs with PostgreSQL and with MariaDB as the index
 (DICOMFLOW_INDEX_DSN=mysql://…, facts in MariaDB too): counts must stay exact on both.
 The outage lasts ``DICOMFLOW_TEST_INDEX_OUTAGE_S`` seconds (default 20, issue #17 asked for 30
 with MariaDB): the worker's retry backoff is capped at 10 s, so 20 s already covers retries at
@@ -26,7 +26,7 @@ from dicomflow.embedded.broker import EmbeddedBroker
 from dicomflow.embedded.postgres import EmbeddedPostgres
 from sinks.postgres import get_json_metaes, row_writes
 from streams.topology import SERIES_INSTANCES
-from tests.fixtures_mysql import IndexDb, MariaDB, state_rows
+from tests.fixtures_mysql import MariaDB, state_rows
 from tests.harness import REPO, WorkerProcess, clone_series, fresh_web_port, read_all, worker_env
 
 pytestmark = pytest.mark.integration
@@ -150,9 +150,10 @@ def _far_future() -> Any:
     return datetime(2999, 1, 1)
 
 
-async def test_sigkill_mid_burst_same_rows(fresh_broker: EmbeddedBroker, home: Path, index_db: IndexDb,
+async def test_sigkill_mid_burst_same_rows(fresh_broker: EmbeddedBroker, home: Path, pg_dsn: str,
                                            ct_small: Path) -> None:
-    pg_dsn = index_db.dsn  # PostgreSQL, then MariaDB
+    # PostgreSQL only (CI time): exact counts with the facts in MariaDB are shown by the outage
+    # test below, where the worker replays what it could not write.
     files = clone_series(ct_small, home / "storage" / "kill", series=5, instances=60)
     env = _env(fresh_broker, home, pg_dsn)
     _backfill(env, home / "storage" / "kill", "t-kill")
