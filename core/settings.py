@@ -300,6 +300,9 @@ class Settings:
     doris_max_bytes: int
     doris_max_interval: float
     doris_dedup_window: int
+    #: A batch whose partition received nothing for this long (and at least 5 s old) is loaded
+    #: then, not at _MAX_INTERVAL: a burst's tail reaches Doris seconds after it (0: off).
+    doris_idle_flush: float
     ingest_processes: int
     scp_host: str
     scp_port: int
@@ -322,10 +325,10 @@ class Settings:
     relay_drain_seconds: float = 45.0
     #: ``up`` recycles the embedded broker (which never frees what it stored) at a drained
     #: point once its resident memory passes this many MB (DICOMFLOW_BROKER_RECYCLE_MB; 0: never).
-    broker_recycle_mb: int = 256
-    #: The relay publishes no further while the pipeline lags this many events (DICOMFLOW_RELAY_MAX_AHEAD):
+    broker_recycle_mb: int = 512
+    #: The relay publishes no further while ingest lags this many storage events (DICOMFLOW_RELAY_MAX_AHEAD):
     #: a backlog then waits in the journal on disk, not in the broker's memory.
-    relay_max_ahead: int = 4000
+    relay_max_ahead: int = 1000
     #: How long the Doris transfer log's loaded keys are kept (DICOMFLOW_DORIS_LOADED_RETENTION_HOURS):
     #: at least the topics' retention (Kafka's default is 7 days), within which a replay can happen.
     doris_loaded_retention_hours: float = 168.0
@@ -436,6 +439,7 @@ class Settings:
             doris_max_bytes=_int(env, "DICOMFLOW_DORIS_MAX_BYTES", 16 * 1024 * 1024, minimum=1024),
             doris_max_interval=_float(env, "DICOMFLOW_DORIS_MAX_INTERVAL", 20.0, minimum=0.05),
             doris_dedup_window=_int(env, "DICOMFLOW_DORIS_DEDUP_WINDOW", 100_000, minimum=0),
+            doris_idle_flush=_float(env, "DICOMFLOW_DORIS_IDLE_FLUSH", 2.0, minimum=0.0),
             doris_be_allowlist=_host_list(env, "DICOMFLOW_DORIS_BE_ALLOWLIST"),
             ingest_processes=_int(env, "DICOMFLOW_INGEST_PROCESSES", os.cpu_count() or 1, minimum=0),
             scp_host=env.get("DICOMFLOW_SCP_HOST") or "0.0.0.0",
@@ -458,8 +462,8 @@ class Settings:
             workers=_int(env, "DICOMFLOW_WORKERS", 1, minimum=1),
             journal=_flag(env, "DICOMFLOW_JOURNAL", default=False),
             relay_drain_seconds=_float(env, "DICOMFLOW_RELAY_DRAIN_SECONDS", 45.0, minimum=0.0),
-            broker_recycle_mb=_int(env, "DICOMFLOW_BROKER_RECYCLE_MB", 256, minimum=0),
-            relay_max_ahead=_int(env, "DICOMFLOW_RELAY_MAX_AHEAD", 4000, minimum=0),
+            broker_recycle_mb=_int(env, "DICOMFLOW_BROKER_RECYCLE_MB", 512, minimum=0),
+            relay_max_ahead=_int(env, "DICOMFLOW_RELAY_MAX_AHEAD", 1000, minimum=0),
             doris_loaded_retention_hours=_float(env, "DICOMFLOW_DORIS_LOADED_RETENTION_HOURS", 168.0, minimum=0.0),
             tansu_log=env.get("TANSU_LOG") or "warn",
             index_url=Secret(index_url) if index_url else None,
