@@ -19,7 +19,6 @@ The BulkDataURI names the instance and the element's path, WADO-RS style:
 from __future__ import annotations
 
 import base64
-import re
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -52,8 +51,8 @@ _SINGLE = frozenset(("LT", "ST", "UT", "UR"))                     # one value, r
 _BINARY_NUMBERS = {"US": ("H", 2), "SS": ("h", 2), "UL": ("L", 4), "SL": ("l", 4), "FL": ("f", 4),
                    "FD": ("d", 8), "UV": ("Q", 8), "SV": ("q", 8)}
 _BYTES = frozenset(("OB", "OW", "OF", "OD", "OL", "OV", "UN"))
-_INT = re.compile(rb"[ ]*[+-]?[0-9]+[ ]*")
-_DS = re.compile(rb"[ ]*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ ]*")
+#: The element keys ("GGGGEEEE"), formatted once per tag, not once per instance.
+_KEYS: dict[int, str] = {}
 _STRUCTS: dict[tuple[str, int], struct.Struct] = {}
 #: Pixel Data, Float Pixel Data, Double Float Pixel Data: always a BulkDataURI.
 _PIXEL_TAGS = frozenset((0x7FE00010, 0x7FE00008, 0x7FE00009))
@@ -123,8 +122,12 @@ class _Converter:
         out: dict[str, Any] = {}
         raw_dict = ds._dict  # noqa: SLF001 - the raw, unconverted elements: what makes this fast
         table = _TEXT_TABLE if ascii_text else _TABLE
-        for tag, elem in list(raw_dict.items()):
-            key = f"{tag:08X}"
+        keys = _KEYS
+        for btag, elem in list(raw_dict.items()):
+            tag = int(btag)  # a plain int: BaseTag's Python-level __eq__ made every dict lookup slow
+            key = keys.get(tag)
+            if key is None:
+                key = keys[tag] = f"{tag:08X}"
             entry: dict[str, Any] | None = None
             if tag in _PIXEL_TAGS:
                 entry = self._pixels(ds, tag, elem, path, key)
@@ -250,15 +253,19 @@ Entry = dict[str, Any] | None
 
 
 def _numbers(fmt: str, size: int) -> Callable[[str, bytes], Entry]:
+    one = struct.Struct(f"<{fmt}")
+    floats = fmt in "fd"
+
     def convert(vr: str, value: bytes) -> Entry:
-        count, rest = divmod(len(value), size)
-        if rest:
-            return None
-        numbers = _struct(fmt, count).unpack(value)
-        if fmt in "fd":
-            if any(n != n or n in _INFINITIES for n in numbers):
+        if len(value) == size:  # the common case: one value
+            numbers: tuple[Any, ...] = one.unpack(value)
+        else:
+            count, rest = divmod(len(value), size)
+            if rest:
                 return None
-            return {"vr": vr, "Value": [float(n) for n in numbers]}
+            numbers = _struct(fmt, count).unpack(value)
+        if floats and any(n != n or n in _INFINITIES for n in numbers):
+            return None  # NaN and infinities have no JSON number: pydicom decides
         return {"vr": vr, "Value": list(numbers)}
     return convert
 
@@ -291,19 +298,25 @@ def _single(vr: str, value: bytes) -> Entry:  # convert_single_string: one value
 
 
 def _integer_string(vr: str, value: bytes) -> Entry:
+    # Only digits, signs and spaces; int() then refuses whatever the IS syntax refuses ("1 2", "+-1", "").
     stripped = value.rstrip(b" \x00")
-    parts = stripped.split(b"\\")
-    if not stripped or not all(_INT.fullmatch(p) for p in parts):
+    if not stripped or stripped.translate(None, b"0123456789+- \\"):
         return None
-    return {"vr": vr, "Value": [int(p) for p in parts]}
+    try:
+        return {"vr": vr, "Value": [int(p) for p in stripped.split(b"\\")]}
+    except ValueError:
+        return None
 
 
 def _decimal_string(vr: str, value: bytes) -> Entry:
+    # Only DS characters (no "nan", "inf", "_"); float() then refuses what the DS syntax refuses.
     stripped = value.strip(b" \x00")
-    parts = stripped.split(b"\\")
-    if not stripped or not all(_DS.fullmatch(p) for p in parts):
+    if not stripped or stripped.translate(None, b"0123456789+-.eE \\"):
         return None
-    return {"vr": vr, "Value": [float(p) for p in parts]}
+    try:
+        return {"vr": vr, "Value": [float(p) for p in stripped.split(b"\\")]}
+    except ValueError:
+        return None
 
 
 def _person_name(vr: str, value: bytes) -> Entry:

@@ -19,6 +19,8 @@ from typing import Any
 
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.errors import Code, ExtractionError
 from dicom.json_model import JsonOptions, instance_json
@@ -202,3 +204,25 @@ def test_path_components_follow_the_instance_store(value: str, tmp_path: Path) -
     assert series_directory(tmp_path, "t1", "20240101", value or "_", "1.2.3") == tmp_path / rel.parent
     path = document_path(tmp_path, "t1", "20240101", value, value)
     assert path.parent.parent.parent.parent == tmp_path / "t1" and path.resolve().is_relative_to(tmp_path)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet="0123456789+-.eE \\", min_size=1, max_size=24), st.sampled_from(["DS", "IS"]))
+def test_number_strings_match_pydicom_or_go_to_pydicom(text: str, vr: str) -> None:
+    """The fast path converts a DS/IS value only when pydicom converts it the same; else it leaves it."""
+    from pydicom.dataelem import RawDataElement, convert_raw_data_element
+    from pydicom.tag import Tag
+
+    from dicom.json_model import _TABLE
+
+    raw = text.encode()
+    if len(raw) % 2:
+        raw += b" "
+    fast = _TABLE[vr](vr, raw)
+    if fast is None:
+        return
+    element = RawDataElement(Tag(0x00181050 if vr == "DS" else 0x00200013), vr, len(raw), raw, 0, False, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = convert_raw_data_element(element).to_json_dict(None, 1024)
+    assert fast == _as_standard({"x": reference}, False)["x"]
