@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
@@ -49,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 #: How often batches are checked against DICOMFLOW_DORIS_MAX_INTERVAL.
 TICK_S = 0.5
+#: A batch is loaded early for an idle partition only once it is this old: at most one such
+#: load per partition and table every few seconds, however sparse the traffic.
+IDLE_FLUSH_MIN_AGE_S = 5.0
 #: How often a worker on an external broker deletes loaded keys older than their retention.
 PRUNE_EVERY_S = 3600.0
 
@@ -97,6 +101,30 @@ class DorisStage:
     batcher: DorisBatcher[EventT]
     guard: GapGuard
     acks: _ManualAck
+    #: DICOMFLOW_DORIS_IDLE_FLUSH (0: batches close only on rows, bytes or max interval).
+    idle_flush_s: float = 0.0
+    idle_flush_min_age_s: float = IDLE_FLUSH_MIN_AGE_S
+    #: When each partition last delivered an event (monotonic).
+    last_event: dict[int, float] = field(default_factory=dict)
+
+    async def tick(self) -> None:
+        """The batcher's interval flush, then the batches of partitions that went idle.
+
+        The interval exists to make batches large under load; once a partition delivers
+        nothing more, waiting out the interval only delays the burst's tail. An early load is
+        an ordinary batch (its intent is recorded first), so exactly-once is unchanged; a batch
+        rebuilt from an intent keeps its recorded end and is never cut early.
+        """
+        await self.batcher.tick()
+        if self.idle_flush_s <= 0:
+            return
+        now = time.monotonic()
+        for partition, part in list(self.batcher.parts.items()):
+            if (part.first is not None and part.forced_end is None
+                    and now - part.started >= self.idle_flush_min_age_s
+                    and now - self.last_event.get(partition, 0.0) >= self.idle_flush_s):
+                self.batcher.counters["idle_flushes"] += 1
+                await self.batcher.flush(partition)
 
     async def consume(self, stream: StreamT[Any]) -> None:
         manual = cast(Stream[Any], stream).noack()
@@ -105,6 +133,7 @@ class DorisStage:
             async with self.batcher.lock:
                 pass  # a flush in progress (Doris slow or down) holds us here: backpressure
             msg = event.message
+            self.last_event[msg.partition] = time.monotonic()
             record = Record(msg.topic, msg.partition, msg.offset, event.key, event_bytes(event), msg.timestamp or 0.0)
             try:
                 # The guard advances only once its read succeeded; on_event retries the
@@ -158,7 +187,8 @@ def _stage(app: DicomflowApp, settings: Settings, spec: TopicSpec, client: Strea
     sink = DorisTableSink.from_settings(settings, kind, client)
     batcher = DorisBatcher(sink, spec.name, ports, BatchLimits.from_settings(settings), kind=kind,
                            dedup_trace=spec.dedup_trace)
-    return DorisStage(spec, batcher, guard, acks)
+    batcher.counters["idle_flushes"] = 0
+    return DorisStage(spec, batcher, guard, acks, idle_flush_s=settings.doris_idle_flush)
 
 
 def register(app: DicomflowApp, settings: Settings) -> None:
@@ -198,7 +228,7 @@ def register(app: DicomflowApp, settings: Settings) -> None:
         app.metrics.register_counters(f"doris_{kind}_stage", stage.batcher.counters)
         app.metrics.register_counters(f"doris_{kind}_gaps", stage.guard.stats)
         # Each table flushes on its own timer: one table's failing loads stall only that table.
-        app.timer(TICK_S, name=f"doris_tick_{kind}")(stage.batcher.tick)
+        app.timer(TICK_S, name=f"doris_tick_{kind}")(stage.tick)
     app.metrics.register_counters("doris_intents", intents.stats)
 
     async def doris_revoked(sender: Any, *args: Any, **kwargs: Any) -> None:

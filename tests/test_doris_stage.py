@@ -5,6 +5,7 @@ Issue #14, item 4.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -122,3 +123,52 @@ async def test_a_failed_partition_open_loses_no_event(fresh_broker: EmbeddedBrok
         assert [e.message.offset for e in ports.acked] == [0, 1, 2]  # type: ignore[attr-defined]
     finally:
         await client.stop()
+
+
+async def test_an_idle_partition_loads_its_batch_before_the_interval(fresh_broker: EmbeddedBroker,
+                                                                     doris_emulator: DorisEmulator) -> None:
+    """DICOMFLOW_DORIS_IDLE_FLUSH: a burst's tail is loaded once its partition goes quiet, not after
+    the hour-long interval; the intent is still recorded first, and the events are acked after the load."""
+    values = rows(3)
+    await ensure_topics(fresh_broker.bootstrap, [LOG], 1)
+    await _produce(fresh_broker, LOG, [(b"k", v) for v in values])
+    client = StreamLoadClient(doris_emulator.fe_url, doris_emulator.user, doris_emulator.password)
+    await client.start()
+    try:
+        spec = next(s for s in DORIS_OUTPUTS if s.name == LOG)
+        stages = []
+        for idle in (0.0, 0.2):
+            ports = Ports(doris_emulator)
+            batcher: DorisBatcher[Any] = DorisBatcher(DorisTableSink(client, db=DB, table=OBJECT), LOG,
+                                                      ports.ports(), BatchLimits(100, 1 << 30, 3600.0, 100),
+                                                      kind="object", dedup_trace=False)
+            batcher.counters["idle_flushes"] = 0
+            stage = DorisStage(spec, batcher, GapGuard(_app(fresh_broker), LOG), _ManualAck(), idle_flush_s=idle,
+                               idle_flush_min_age_s=0.5)
+
+            async def source() -> AsyncIterator[_Event]:
+                for offset, v in enumerate(values):
+                    yield _Event(LOG, offset, v)
+
+            await stage.consume(_Stream(source(), []))  # type: ignore[arg-type]
+            await stage.tick()  # quiet at once, but the batch is younger than the minimum age
+            assert doris_emulator.rows(OBJECT) == [] and ports.acked == []
+            stages.append((stage, ports))
+        (off, off_ports), (on, on_ports) = stages
+        deadline = loop_time() + 10
+        while len(doris_emulator.rows(OBJECT)) < 3:
+            assert loop_time() < deadline, "the idle batch was not loaded"
+            await off.tick()
+            await on.tick()
+            await asyncio.sleep(0.05)
+        assert on.batcher.counters["idle_flushes"] == 1 and on_ports.rows_at_intent == [0]
+        assert [e.message.offset for e in on_ports.acked] == [0, 1, 2]  # type: ignore[attr-defined]
+        # Without the setting the batch waits for its interval: loaded once, by the other stage only.
+        assert off.batcher.counters["idle_flushes"] == 0 and off_ports.acked == []
+        assert len(doris_emulator.loads) == 1
+    finally:
+        await client.stop()
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
