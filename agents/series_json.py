@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
@@ -71,6 +71,8 @@ STATUS_FAILED = 2
 MAX_BACKOFF_S = 3600.0
 #: How long a due series waits for the index to catch up with its event before looking again.
 INDEX_BEHIND_WAIT_S = 1.0
+#: After this long behind, the index is taken to have refused the state (the PostgreSQL stage dead-letters).
+INDEX_BEHIND_GIVE_UP_S = 600.0
 LAG_REFRESH_S = 2.0
 RECONCILE_LIMIT = 100_000
 
@@ -96,7 +98,8 @@ class Pending:
     #: When its JSON stopped being current (epoch seconds): the oldest uncovered state.
     stale_since: float
     attempts: int = 0
-    reasons: list[str] = field(default_factory=list)
+    #: Times the index was found behind this state.
+    behind: int = 0
 
     @property
     def key(self) -> str:
@@ -257,6 +260,14 @@ class SeriesJsonStage:
         if row is None or (row.version, _epoch(row.updated_time)) < (entry.version, _epoch(entry.updated_time)):
             # The index has not written this state yet (the PostgreSQL stage reads the same flush).
             self.counters["index_behind"] += 1
+            entry.behind += 1
+            if entry.behind * INDEX_BEHIND_WAIT_S > INDEX_BEHIND_GIVE_UP_S:
+                # The index refused that state (dead-lettered as data): nothing to cover. A later
+                # state of the series schedules it again; the start-up reconcile finds what is stale.
+                log.warning("series JSON: %s state version=%s never reached the index; dropped", entry.key,
+                            entry.version)
+                self._drop(entry)
+                return
             entry.due = time.time() + INDEX_BEHIND_WAIT_S
             return
         meta = await self.index.json_meta(entry.tenant_id, entry.study_uid, entry.series_uid)

@@ -37,6 +37,7 @@ from bench.common import Figure, figures_table, poll_until, write_result
 from bench.senders import send_files
 from bench.stack import UpStack
 from dicom.json_model import JsonOptions
+from dicomflow.stack import read_stack_file
 from sinks.json_documents import write_series_document
 
 __all__ = ["generation_rates", "latency", "main"]
@@ -98,8 +99,7 @@ def latency(workdir: Path, quiet_s: float, instances: int = 50) -> dict[str, Any
     stack = UpStack(workdir / f"home-{quiet_s:g}", TENANT,
                     extra_env={"DICOMFLOW_JSON_QUIET_SECONDS": str(quiet_s)})
     with stack:
-        env = stack.env()
-        web = f"http://127.0.0.1:{env['DICOMFLOW_WEB_PORT']}"
+        web = read_stack_file(stack.home)["workers"][0]["web"]  # env() would draw new ports
         url = f"{web}/studies/{study}/series/{series}/metadata"
         timing = send_files(data.files, "127.0.0.1", stack.scp_port, "DICOMFLOW")
         if not timing.ok:
