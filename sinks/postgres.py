@@ -94,7 +94,8 @@ _GET_JSON_METAES = (
 )
 _SERIES_OF_STUDY = (
     f"SELECT {', '.join(COLUMNS)} FROM {TABLE} WHERE tenant_id = $1 AND study_uid = $2 "  # noqa: S608
-    "ORDER BY series_number NULLS LAST, series_uid"
+    # COLLATE "C": UIDs in byte order, as MySQL's utf8mb4_bin orders them (same list on either provider).
+    'ORDER BY series_number NULLS LAST, series_uid COLLATE "C"'
 )
 _JSON_META = (
     f"SELECT {', '.join(JSON_COLUMNS)} FROM dicom_json_meta "  # noqa: S608
