@@ -244,7 +244,7 @@ def _per_instance(delta: dict[str, float], n: int) -> dict[str, float]:
 
 
 async def _measure(stack: UpStack, broker: _Broker, emu: BenchEmulator | None, warm: Study, tput: Study,
-                   profile: bool, sender: str) -> dict[str, Any]:
+                   profile: bool, sender: str, target: str = "worker-0") -> dict[str, Any]:
     info: dict[str, Any] = {"startup_s": stack.startup_s}
     t0 = time.monotonic()
     send = await asyncio.to_thread(send_files, warm.files, "127.0.0.1", stack.scp_port, AET, sender=sender)
@@ -275,9 +275,9 @@ async def _measure(stack: UpStack, broker: _Broker, emu: BenchEmulator | None, w
         exe = find_py_spy()
         if exe is None:
             raise RuntimeError("py-spy not found: pip install -e '.[bench]'")
-        raw = PySpy(exe, pids["worker-0"], OUT_DIR / f"cost-worker-{stamp}.txt", rate=100)
+        raw = PySpy(exe, pids[target], OUT_DIR / f"cost-{target}-{stamp}.txt", rate=100)
         raw.cmd.append("--subprocesses")
-        svg = PySpy(exe, pids["worker-0"], OUT_DIR / f"cost-worker-{stamp}.svg", rate=100)
+        svg = PySpy(exe, pids[target], OUT_DIR / f"cost-{target}-{stamp}.svg", rate=100)
         svg.cmd = [c if c != "raw" else "flamegraph" for c in svg.cmd] + ["--subprocesses"]
         OUT_DIR.mkdir(parents=True, exist_ok=True)
         spies = [raw, svg]
@@ -315,11 +315,13 @@ async def _measure(stack: UpStack, broker: _Broker, emu: BenchEmulator | None, w
     if counts1:
         info["broker"] = _broker_delta(counts0, counts1, n)
     if spies:
-        prof = summarize_py_spy(spies[0].out, main_pid=pids["worker-0"])
-        worker_cpu = cpu["worker-0"]
-        # The one profile output that is committed (.gitignore): the latest flame graph.
-        shutil.copyfile(spies[1].out, FLAME_GRAPH)
-        info["profile"] = {**prof.as_dict(), "svg": str(FLAME_GRAPH),
+        prof = summarize_py_spy(spies[0].out, main_pid=pids[target])
+        worker_cpu = cpu[target]
+        svg_path = spies[1].out
+        if target == "worker-0":  # the one profile output that is committed (.gitignore): the worker's
+            shutil.copyfile(spies[1].out, FLAME_GRAPH)
+            svg_path = FLAME_GRAPH
+        info["profile"] = {**prof.as_dict(), "target": target, "svg": str(svg_path),
                            "stage_ms_per_instance": {s: 1000 * share * worker_cpu / n for s, share in prof.by_stage}}
     return info
 
@@ -347,7 +349,7 @@ def _broker_delta(c0: dict[str, Any], c1: dict[str, Any], n: int) -> dict[str, A
 
 def run_cost(*, instances: int = 5000, peer: bool = True, proxy: bool = True, profile: bool = False,
              doris: bool = True, sender: str = "storescu", extra_env: dict[str, str] | None = None,
-             workdir: Path | None = None) -> CostResult:
+             profile_target: str = "worker-0", workdir: Path | None = None) -> CostResult:
     own = workdir is None
     work = workdir or Path(tempfile.mkdtemp(prefix="dicomflow-bench-cost-"))
     try:
@@ -364,7 +366,7 @@ def run_cost(*, instances: int = 5000, peer: bool = True, proxy: bool = True, pr
         print(f"cost: dicomflow up{' + Doris emulator' if doris else ''}"
               f"{', broker proxy' if proxy else ''}{', py-spy' if profile else ''} ...", flush=True)
         stack_info = asyncio.run(_stack_run(work, tput, warm, proxy=proxy, profile=profile, doris=doris,
-                                            sender=sender, extra_env=extra_env or {}))
+                                            sender=sender, extra_env=extra_env or {}, target=profile_target))
         params = {"instances": instances, "series": len(tput.series_uids), "per_series": PER_SERIES,
                   "doris": doris, "proxy": proxy, "profile": profile, "sender": sender, "extra_env": extra_env or {}}
         result = CostResult(params, peer_result, stack_info)
@@ -379,7 +381,7 @@ def run_cost(*, instances: int = 5000, peer: bool = True, proxy: bool = True, pr
 
 
 async def _stack_run(work: Path, tput: Study, warm: Study, *, proxy: bool, profile: bool, doris: bool,
-                     sender: str, extra_env: dict[str, str]) -> dict[str, Any]:
+                     sender: str, extra_env: dict[str, str], target: str = "worker-0") -> dict[str, Any]:
     broker = _Broker(work, proxy).start()
     emu: BenchEmulator | None = None
     try:
@@ -393,7 +395,7 @@ async def _stack_run(work: Path, tput: Study, warm: Study, *, proxy: bool, profi
         stack = UpStack(work / "home", TENANT, extra_env=env)
         await asyncio.to_thread(stack.start)
         try:
-            return await _measure(stack, broker, emu, warm, tput, profile, sender)
+            return await _measure(stack, broker, emu, warm, tput, profile, sender, target)
         except BaseException:
             for name in ("worker-0", "relay", "scp"):
                 print(f"--- {name} log tail:\n{stack.log_tail(15, name)}")
@@ -468,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-peer", action="store_true", help="skip Orthanc (state its last measured figure)")
     parser.add_argument("--no-proxy", action="store_true", help="no request counting (clients talk to Tansu)")
     parser.add_argument("--profile", action="store_true", help="py-spy the worker: stage shares and a flame graph")
+    parser.add_argument("--profile-target", choices=["worker-0", "scp", "relay"], default="worker-0")
     parser.add_argument("--no-doris", action="store_true")
     parser.add_argument("--sender", choices=["storescu", "pynetdicom"], default="storescu")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
@@ -478,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(report(run_cost(instances=args.instances, peer=not args.no_peer, proxy=not args.no_proxy,
                           profile=args.profile, doris=not args.no_doris, sender=args.sender, extra_env=extra,
-                          workdir=args.workdir)))
+                          profile_target=args.profile_target, workdir=args.workdir)))
 
 
 if __name__ == "__main__":

@@ -93,13 +93,15 @@ async def _verify(run: Run, n: int) -> tuple[dict[str, int], float | None]:
     return counts, span
 
 
-async def _measure(run: Run, n: int, *, profiler: str | None) -> tuple[PipelineRun, Profile | None]:
+async def _measure(run: Run, n: int, *, profiler: str | None,
+                   worker_env: dict[str, str] | None = None) -> tuple[PipelineRun, Profile | None]:
     published, backfill_s = await asyncio.to_thread(backfill, run, run.storage_root, TENANT)
     if published != n:
         raise RuntimeError(f"backfill published {published} events, expected {n}")
     prof_out = run.home / ("worker.prof" if profiler == "cprofile" else "py-spy.txt")
-    worker: WorkerProcess = (CProfiledWorker(run.env(), run.home / "worker.log", prof_out)
-                             if profiler == "cprofile" else run.worker())
+    extra = worker_env or {}
+    worker: WorkerProcess = (CProfiledWorker(run.env(**extra), run.home / "worker.log", prof_out)
+                             if profiler == "cprofile" else run.worker(**extra))
     spy: PySpy | None = None
     timeout = 120 + n / 50
     async with OffsetProbe(run.broker.url) as probe:
@@ -157,7 +159,7 @@ def _choose_profiler(choice: str) -> str:
 
 
 def run_ingest(*, instances: int, series: int, profile: bool = False, profiler: str = "auto",
-               workdir: Path | None = None) -> IngestResult:
+               workdir: Path | None = None, worker_env: dict[str, str] | None = None) -> IngestResult:
     own = workdir is None
     work = workdir or Path(tempfile.mkdtemp(prefix="dicomflow-bench-ingest-"))
     try:
@@ -168,13 +170,14 @@ def run_ingest(*, instances: int, series: int, profile: bool = False, profiler: 
         baselines = parse_rates.measure(ds.files, tenant=TENANT, storage_root=storage)
         print("ingest: pipeline run (one worker) ...", flush=True)
         with pipeline_run(work, storage, "run-timed") as run:
-            timed, _ = asyncio.run(_measure(run, ds.instances, profiler=None))
+            timed, _ = asyncio.run(_measure(run, ds.instances, profiler=None, worker_env=worker_env))
         result = IngestResult(_dataset_info(ds), baselines, timed)
         if profile:
             tool = _choose_profiler(profiler)
             print(f"ingest: profiled run ({tool}) ...", flush=True)
             with pipeline_run(work, storage, "run-profiled") as run:
-                result.profiled_run, result.profile = asyncio.run(_measure(run, ds.instances, profiler=tool))
+                result.profiled_run, result.profile = asyncio.run(_measure(run, ds.instances, profiler=tool,
+                                                                           worker_env=worker_env))
             if result.profile is not None:
                 kept = work / "run-profiled" / Path(result.profile.raw_path).name
                 result.profile.raw_path = str(_keep_profile(kept))
@@ -286,9 +289,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="add a profiled run and print where the time goes")
     parser.add_argument("--profiler", choices=["auto", "py-spy", "cprofile"], default="auto")
     parser.add_argument("--workdir", type=Path, help="keep data here (default: a temp dir, removed)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the worker (e.g. DICOMFLOW_INGEST_PROCESSES=0)")
     args = parser.parse_args(argv)
     r = run_ingest(instances=args.instances, series=args.series, profile=args.profile, profiler=args.profiler,
-                   workdir=args.workdir)
+                   workdir=args.workdir, worker_env=dict(e.split("=", 1) for e in args.env))
     print(report(r))
 
 

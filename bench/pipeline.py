@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procstat import child_pids, cpu_seconds
+from bench.procstat import child_pids, tree_cpu_seconds
 from dicomflow.embedded.broker import EmbeddedBroker
 from tests.harness import REPO, WorkerProcess, worker_env
 
@@ -64,7 +64,8 @@ def backfill(run: Run, directory: Path, tenant: str, timeout: float = 600.0) -> 
 
 
 class CpuMeter:
-    """CPU seconds used by a set of processes between ``start()`` and ``stop()``."""
+    """CPU seconds used by a set of processes between ``start()`` and ``stop()``, each with its children
+    (the worker's parse pool is the worker's cost too)."""
 
     def __init__(self, pids: dict[str, int | None]) -> None:
         self.pids = {name: pid for name, pid in pids.items() if pid is not None}
@@ -75,11 +76,11 @@ class CpuMeter:
 
     def start(self) -> None:
         self._wall = time.monotonic()
-        self._start = {n: cpu_seconds(p) or 0.0 for n, p in self.pids.items()}
+        self._start = {n: tree_cpu_seconds(p) or 0.0 for n, p in self.pids.items()}
 
     def stop(self) -> None:
         self.wall = time.monotonic() - self._wall
-        self.used = {n: (cpu_seconds(p) or 0.0) - self._start.get(n, 0.0) for n, p in self.pids.items()}
+        self.used = {n: (tree_cpu_seconds(p) or 0.0) - self._start.get(n, 0.0) for n, p in self.pids.items()}
 
     def cores(self) -> dict[str, float]:
         """Average cores busy per process over the interval."""

@@ -72,6 +72,16 @@ def library_of(filename: str, function: str = "") -> str | None:
 
 _PROCESS = re.compile(r'(?:process \d+:"[^"]*";)+')
 _PROCESS_PID = re.compile(r'process (\d+):')
+#: Leaf frames that wait in a system call (epoll, a pipe, a condition): py-spy on this VM often
+#: reports such threads as running, so they are left out of the shares.
+_WAITS = {("select", "selectors.py"), ("wait", "threading.py"), ("wait", "connection.py"), ("_recv", "connection.py"),
+          ("_worker", "thread.py"), ("poll", "connection.py")}
+
+
+def _waiting(func: str, file: str) -> bool:
+    return (func.rpartition(".")[2], Path(file).name) in _WAITS
+
+
 _EVENT_LOOP = {"asyncio", "selectors", "concurrent", "threading"}
 
 
@@ -216,6 +226,7 @@ def summarize_py_spy(path: Path, top: int = 25, main_pid: int | None = None) -> 
     stages: Counter[str] = Counter()
     total = 0
     main = str(main_pid) if main_pid else ""
+    idle = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -232,6 +243,9 @@ def summarize_py_spy(path: Path, top: int = 25, main_pid: int | None = None) -> 
         parts = stack.split(";")
         thread = parts[0].partition(": ")[2] or parts[0] if parts and parts[0].startswith("thread (") else "?"
         frames = [_frame(f) for f in parts if not f.startswith("thread (")]
+        if frames and _waiting(*frames[-1][:2]):
+            idle += count
+            continue
         total += count
         threads[thread] += count
         stages[_stage(thread, frames, process)] += count
@@ -245,7 +259,8 @@ def summarize_py_spy(path: Path, top: int = 25, main_pid: int | None = None) -> 
     return Profile("py-spy", total, kept[:top], [(lib, n / total) for lib, n in libraries.most_common()],
                    [(t, n / total) for t, n in threads.most_common()],
                    [(t, n / total) for t, n in stages.most_common()], raw_path=str(path),
-                   notes="shares of sampled CPU time over all threads (idle samples excluded); run-wide wrappers "
+                   notes=f"shares of sampled CPU time over all threads ({idle} samples waiting in epoll, a pipe or a "
+                   "condition excluded); run-wide wrappers "
                    "(event loop, CLI, mode services) left out of the cumulative list")
 
 
