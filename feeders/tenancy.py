@@ -113,6 +113,9 @@ class TenantResolver:
     #: The verified client certificate's CN of the association this resolver is bound to
     #: (:meth:`for_peer`); None for the unbound, shared resolver.
     cert_cn: str | None = None
+    #: The default tenant takes callers on this machine only: true when dicomflow picked it
+    #: itself (the embedded stack's first run), not when DICOMFLOW_DEFAULT_TENANT was set.
+    default_local_only: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_calling_ae", _checked("tenant_by_calling_ae", self.by_calling_ae))
@@ -130,14 +133,18 @@ class TenantResolver:
             default_tenant=default_tenant(settings),
             from_private_tag=settings.tenant_from_private_tag,
             by_cert_cn=settings.tenant_by_cert_cn,
+            default_local_only=settings.default_tenant is None,
         )
 
     def for_peer(self, cert_cn: str | None) -> TenantResolver:
         """This resolver bound to one association's verified client certificate CN (or to none)."""
         return self if cert_cn == self.cert_cn else replace(self, cert_cn=cert_cn)
 
-    def for_association(self, calling_ae: str, called_ae: str) -> AssociationTenant | None:
-        """The tenant for an association, or None when it must be rejected."""
+    def for_association(self, calling_ae: str, called_ae: str, *, local: bool = True) -> AssociationTenant | None:
+        """The tenant for an association, or None when it must be rejected.
+
+        ``local``: the caller connected from this machine (a loopback address).
+        """
         calling_ae, called_ae = calling_ae.strip(), called_ae.strip()
         by_calling = self.by_calling_ae.get(calling_ae)
         by_called = self.by_called_ae.get(called_ae)
@@ -155,9 +162,15 @@ class TenantResolver:
             return AssociationTenant(by_calling, mapped=True, source="calling_ae")
         if by_called is not None:
             return AssociationTenant(by_called, mapped=True, source="called_ae")
-        if self.default_tenant is not None:
+        if self.default_tenant is not None and (local or not self.default_local_only):
             return AssociationTenant(self.default_tenant, mapped=False, source="default")
         return None
+
+    def refusal_reason(self, *, local: bool) -> str:
+        """Why :meth:`for_association` refused (for the log line)."""
+        if self.default_tenant is not None and self.default_local_only and not local:
+            return "unmapped_remote_caller"
+        return "calling_ae_not_recognised"
 
     @property
     def mapped_tenants(self) -> frozenset[str]:

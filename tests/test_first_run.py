@@ -12,6 +12,7 @@ import asyncio
 import logging
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import asyncpg
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 
 from core.settings import Settings
 from dicomflow.cli import main as cli_main
+from dicomflow.tools.scu import send_paths
 from feeders.journal import JournalPublisher
 from feeders.scp import ScpConfig, StorageSCP
 from feeders.tenancy import EMBEDDED_DEFAULT_TENANT
@@ -36,6 +38,19 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dicomflow.cli", *args], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=120)
 
+
+
+def _non_loopback_address() -> str:
+    """An IPv4 address of this machine that is not loopback (connecting to it is not "local")."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing address
+            address = str(s.getsockname()[0])
+        except OSError:
+            return ""
+    return "" if address.startswith("127.") else address
 
 async def test_up_at_defaults_accepts_readme_send_and_backfill(tmp_path: Path, ct_small: Path) -> None:
     # Defaults: no tenant variable at all (UpProcess only moves the ports and the home).
@@ -106,3 +121,40 @@ def test_production_scp_rejects_and_send_stops_at_once(tmp_path: Path, caplog: p
     assert rows["succeeded"] == 0 and rows["failed"] == 5, out
     assert rows["calling AE title 'DICOMFLOW_SCU' not recognised"] == 5, out
     assert list((tmp_path / "home").rglob("*.dcm")) == []
+
+
+@pytest.mark.skipif(not _non_loopback_address(), reason="this machine has no non-loopback address")
+def test_the_implicit_default_tenant_takes_only_callers_on_this_machine(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # The embedded stack's SCP listens on every address, but only callers on this machine land in
+    # the tenant it picked by itself: a device on the network must be mapped (or the default set).
+    settings = Settings.from_env({"DICOMFLOW_HOME": str(tmp_path / "home")})
+    settings.storage_root.mkdir(parents=True)
+    config = ScpConfig.from_settings(settings, host="0.0.0.0", port=0)
+    assert config.tenancy.default_tenant == EMBEDDED_DEFAULT_TENANT
+    loop = asyncio.new_event_loop()
+    journal = JournalPublisher(tmp_path / "journal", "scp")
+    loop.run_until_complete(journal.start())
+    runner = threading.Thread(target=loop.run_forever, daemon=True)  # the SCP publishes on this loop
+    runner.start()
+    scp = StorageSCP(config, journal)
+    scp.start(loop=loop)
+    try:
+        files = clone_series(TEST_FILES / "CT_small.dcm", tmp_path / "ct", series=1, instances=1)
+        caplog.set_level(logging.INFO, logger="feeders.scp.association")
+        local = send_paths(files, "127.0.0.1", scp.address[1], "DICOMFLOW")
+        remote = send_paths(files, _non_loopback_address(), scp.address[1], "DICOMFLOW")
+    finally:
+        scp.stop(grace_s=2.0)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(timeout=10)
+        loop.run_until_complete(journal.stop())
+        loop.close()
+    assert local.succeeded == 1, local
+    assert remote.succeeded == 0, remote
+    rejected = [r.getMessage() for r in caplog.records if "association rejected" in r.getMessage()]
+    assert len(rejected) == 1 and "reason=unmapped_remote_caller" in rejected[0], rejected
+    # with the default tenant configured explicitly, the network is welcome too
+    explicit = Settings.from_env({"DICOMFLOW_HOME": str(tmp_path / "home"), "DICOMFLOW_DEFAULT_TENANT": "site"})
+    assert ScpConfig.from_settings(explicit, host="0.0.0.0", port=0).tenancy.for_association(
+        "ANY", "DICOMFLOW", local=False) is not None

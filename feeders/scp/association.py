@@ -8,6 +8,7 @@ certificate that chains to it (the handshake fails otherwise, before any DICOM b
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import ssl
 from pathlib import Path
@@ -105,6 +106,13 @@ def peer(assoc: Association) -> tuple[str, str, str]:
     return calling, called, ip
 
 
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
 def peer_certificate_cn(assoc: Association) -> str | None:
     """The common name of the peer's verified client certificate, or None (no TLS, no certificate).
 
@@ -131,13 +139,14 @@ def handle_association_request(event: Event, tenancy: TenantResolver) -> None:
     """EVT_REQUESTED: reject an association that no tenant can be resolved for."""
     calling, called, ip = peer(event.assoc)
     cert_cn = peer_certificate_cn(event.assoc)
-    resolved = tenancy.for_peer(cert_cn).for_association(calling, called)
+    local = _is_loopback(ip)
+    resolved = tenancy.for_peer(cert_cn).for_association(calling, called, local=local)
     if resolved is not None:
         log.info("association accepted calling_ae=%s called_ae=%s source_ip=%s cert_cn=%s tenant=%s "
                  "tenant_source=%s", calling, called, ip, cert_cn, resolved.tenant, resolved.source)
         return
-    log.warning("association rejected reason=calling_ae_not_recognised calling_ae=%s called_ae=%s "
-                "source_ip=%s cert_cn=%s", calling, called, ip, cert_cn)
+    log.warning("association rejected reason=%s calling_ae=%s called_ae=%s source_ip=%s cert_cn=%s",
+                tenancy.refusal_reason(local=local), calling, called, ip, cert_cn)
     event.assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SERVICE_USER, _RJ_CALLING_AE)
     # As pynetdicom's own ACSE rejection does: wait for the peer to take the
     # A-ASSOCIATE-RJ and close, so it sees a rejection rather than a dropped socket.
