@@ -17,7 +17,8 @@ PostgreSQL sink (sinks/postgres.py):
   rolled back by itself (InnoDB's statement atomicity), so the batch is bisected inside
   the same transaction, the refused rows are returned naming MySQL's column, and the rest
   lands. Text MySQL could store but PostgreSQL cannot (NUL, lone surrogates) is refused
-  here too: the index holds the same rows whichever server it is.
+  here too: the index holds the same rows whichever server it is. A NaN or infinite number,
+  which MySQL cannot store at all, is refused naming its column.
 * **Errors classified** like PostgreSQL's: lost or refused connections, a server shutting
   down, deadlocks and lock timeouts are retried (the partition waits); anything else is
   retried with the alert counter ``unexpected_errors``. At the first start, a server that
@@ -38,6 +39,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta
@@ -210,9 +212,16 @@ def _data_error(exc: BaseException) -> SinkDataError:
     return SinkDataError(f"{text} (error {_code(exc)})", code=Code.SINK_REJECTED, field=column)
 
 
-def _unstorable_text(values: Sequence[Any]) -> tuple[str, str] | None:
-    """(column, reason) of text the index refuses on either server (PostgreSQL cannot hold it)."""
+def _unstorable(values: Sequence[Any]) -> tuple[str, str] | None:
+    """(column, reason) of a value refused before it reaches the server.
+
+    Text PostgreSQL cannot hold (the index holds the same rows on either server), and numbers
+    MySQL cannot hold: a DS of "NaN" or "inf" parses as a float, which asyncmy refuses in the
+    client ("nan can not be used with MySQL", naming no column), an error no retry would fix.
+    """
     for column, value in zip(COLUMNS, values, strict=True):
+        if isinstance(value, float) and not math.isfinite(value):
+            return column, f"MySQL DOUBLE cannot hold {value!r}"
         if isinstance(value, str):
             if "\x00" in value:
                 return column, "text cannot contain NUL (0x00) characters"
@@ -387,7 +396,7 @@ class MySQLIndex(BatchingSink[DicomStateMeta]):
             values = tuple(updated if c == "updated_time" else created if c == "created_time"
                            else getattr(rec, c) for c in COLUMNS)
             row = _Row(item, (rec.tenant_id, rec.study_uid, rec.series_uid), values, position)
-            bad = _unstorable_text(values)
+            bad = _unstorable(values)
             if bad is not None:
                 rejected.append(Rejected(item, SinkDataError(f"rejected column {bad[0]}: {bad[1]}",
                                                              code=Code.SINK_REJECTED, field=bad[0])))

@@ -289,3 +289,18 @@ def test_a_mysql_index_registers_the_state_stage(tmp_path: Path) -> None:
     app = create_app(settings)
     assert "postgres_sink" in {agent.name for agent in app.agents.values()}
     assert "mysql" in app.metrics.stages and "series_facts" in app.metrics.stages
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+async def test_a_non_finite_number_is_refused_by_mysql_naming_the_column_never_retried(
+        index: SeriesIndex, index_db: IndexDb, base_state: DicomStateMeta, value: float) -> None:
+    """A DS of "NaN" or "inf" parses as a float. PostgreSQL's double precision stores it; MySQL's
+    DOUBLE cannot, and the driver refuses it client-side naming no column: an error that was
+    retried forever, stalling the partition."""
+    rejected = await index.save_states([series(base_state, 1, patient_size=value), series(base_state, 2)])
+    stored = {s.series_uid for s in await index.series_of_study(base_state.tenant_id, base_state.study_uid)}
+    if index_db.kind == "mysql":
+        assert [(r.item.offset, r.error.field) for r in rejected] == [(0, "patient_size")]
+        assert stored == {series(base_state, 2).series_uid}
+    else:
+        assert rejected == [] and len(stored) == 2
