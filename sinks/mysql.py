@@ -464,9 +464,10 @@ class MySQLIndex(BatchingSink[DicomStateMeta]):
         # Affected rows count an insert once and a changed row twice; the info line's
         # "Duplicates" counts the changed rows, so changed = affected - duplicates. The
         # info line is only reachable through the connection's last result (no public API).
+        # A single-row INSERT carries no info line: there 1 is an insert, 2 a change, 0 stale.
         info = getattr(getattr(conn, "_result", None), "message", None) or b""
         found = _INFO.search(info if isinstance(info, bytes) else str(info).encode())
-        return int(affected) - int(found.group(2)) if found else int(affected)
+        return int(affected) - int(found.group(2)) if found else min(int(affected), len(rows))
 
     # -- SeriesIndex: the seeds' provider operations (see sinks/index.py) --------------
 

@@ -304,3 +304,20 @@ async def test_a_non_finite_number_is_refused_by_mysql_naming_the_column_never_r
         assert stored == {series(base_state, 2).series_uid}
     else:
         assert rejected == [] and len(stored) == 2
+
+
+async def test_stale_rows_are_counted_one_by_one_and_in_batches(index_db: IndexDb, base_state: DicomStateMeta) -> None:
+    sink = index_for_dsn(index_db.dsn)
+    await sink.start()
+    try:
+        newer = [series(base_state, i, updated=T0 + timedelta(hours=1)) for i in range(3)]
+        older = [series(base_state, i, updated=T0) for i in range(3)]
+        await sink.save_state(older[0])   # an insert, alone
+        await sink.save_state(newer[0])   # a change, alone
+        await sink.save_state(older[0])   # stale, alone
+        assert sink.counters["stale_skipped"] == 1
+        assert await sink.save_states(newer) == []  # one unchanged (counted stale on MySQL only), two inserts
+        assert await sink.save_states(older) == []  # three stale
+        assert sink.counters["stale_skipped"] == (5 if index_db.kind == "mysql" else 4)
+    finally:
+        await sink.stop()
