@@ -314,7 +314,7 @@ async def test_changed_series_shows_in_get_json_metaes_until_flagged(
         ({"study_id": "\udcff"}, "study_id"),                       # lone surrogate
     ],
 )
-async def test_row_refused_by_postgres_is_rejected_naming_column_others_land(
+async def test_row_refused_by_the_server_is_rejected_naming_column_others_land(
         sink: Any, dsn: str, base_state: DicomStateMeta, change: dict[str, Any],
         column: str) -> None:
     records = [series(base_state, i) for i in range(7)]
