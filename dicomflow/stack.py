@@ -99,6 +99,7 @@ RELAY_NOT_DRAINED = 3
 #: that could not drain before it tries again.
 RECYCLE_CHECK_S = 10.0
 RECYCLE_RETRY_S = 60.0
+RECYCLE_MIN_INTERVAL_S = 60.0
 
 
 def _alive(pid: int) -> bool:
@@ -123,6 +124,7 @@ class Stack:
     _stopping: bool = False
     _next_server_check: float = 0.0
     _next_recycle_check: float = 0.0
+    _last_recycle: float = 0.0
     recycles: int = 0
 
     def check_not_running(self) -> None:
@@ -187,7 +189,11 @@ class Stack:
         self.info["children"] = {c.name: {"pid": c.proc.pid if c.proc else None, "running": c.running,
                                           "restarts": c.restarts, "last_exit": c.last_exit}
                                  for c in self.children}
-        (self.settings.home / STACK_FILE).write_text(json.dumps(self.info, indent=2))
+        # Atomic: the relay and `status` read it at any moment.
+        path = self.settings.home / STACK_FILE
+        tmp = path.with_name(f".{STACK_FILE}.tmp")
+        tmp.write_text(json.dumps(self.info, indent=2))
+        os.replace(tmp, path)
 
     def _spawn(self, child: Child) -> None:
         logs = self.settings.home / "logs"
@@ -271,6 +277,10 @@ class Stack:
             cap = 1 << 62  # never recycle, but keep reporting the broker's memory
         self._next_recycle_check = now + RECYCLE_CHECK_S
         rss = self.broker.rss_bytes()
+        if self.recycles and now - self._last_recycle < RECYCLE_MIN_INTERVAL_S:
+            # A broker that starts above the cap (say, many restored dead letters) must not be
+            # recycled over and over: at most once per interval.
+            cap = 1 << 62
         self.info["broker_memory"] = {"pid": self.broker.pid, "rss_mb": round(rss / 2**20, 1),
                                       "recycle_mb": self.settings.broker_recycle_mb}
         self._write_state()
@@ -291,27 +301,34 @@ class Stack:
         Returns True when the broker was replaced.
         """
         assert self.broker is not None
+        relay = [c for c in self.children if c.name == "relay"]
+        workers = [c for c in self.children if c.name not in ("scp", "relay")]
+        if len(relay) != 1 or not relay[0].running or not all(c.running for c in workers):
+            # A child is down: supervision restarts it first; only a running relay can say "drained".
+            return False
         started = time.monotonic()
         self.echo(f"dicomflow: recycling the embedded broker ({reason}); draining the pipeline first, "
                   "the SCP keeps accepting")
-        relay = [c for c in self.children if c.name == "relay"]
-        workers = [c for c in self.children if c.name not in ("scp", "relay")]
+        relay[0].last_exit = None
         self._terminate(relay, self.settings.relay_drain_seconds + 5.0, "the pipeline to drain")
-        if any(c.last_exit != 0 for c in relay):
-            codes = ", ".join(str(c.last_exit) for c in relay)
-            self.echo(f"dicomflow: the pipeline did not drain (relay exit code {codes}); broker recycle put off "
-                      f"{RECYCLE_RETRY_S:.0f} s (nothing is lost)")
-            for c in relay:
-                self._spawn(c)
+        if relay[0].last_exit != 0 or self._stopping:
+            if not self._stopping:
+                self.echo(f"dicomflow: the pipeline did not drain (relay exit code {relay[0].last_exit}); broker "
+                          f"recycle put off {RECYCLE_RETRY_S:.0f} s (nothing is lost)")
+            self._spawn(relay[0])  # on the same broker it goes on after what it published there
             self._next_recycle_check = time.monotonic() + RECYCLE_RETRY_S
             self._write_state()
             return False
         self._terminate(workers, DRAIN_S, "the workers to stop")
         self.broker.stop()
-        self.broker.start()
+        try:
+            self.broker.start()
+        except Exception as exc:  # the server check starts it again; never take the stack down here
+            self.echo(f"dicomflow: the new broker did not start ({exc}); retrying")
         for c in workers + relay:
             self._spawn(c)
         self.recycles += 1
+        self._last_recycle = time.monotonic()
         self.info["broker_recycles"] = self.recycles
         self._write_state()
         self.echo(f"dicomflow: embedded broker recycled in {time.monotonic() - started:.1f} s "

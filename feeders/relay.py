@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -138,7 +140,8 @@ class Relay:
     def __init__(self, directory: Path, publisher: EventSink, lag: LagProbe, *, settle_s: float,
                  interval_s: float = 0.5, workers: SettledProbe | None = None,
                  archive: LetterArchive | None = None, max_ahead: int = 0, chunk: int = CHUNK,
-                 on_checkpoint: Callable[[float], Awaitable[None]] | None = None) -> None:
+                 on_checkpoint: Callable[[float], Awaitable[None]] | None = None,
+                 incarnation: Callable[[], Awaitable[str]] | None = None) -> None:
         self.directory = directory
         self.publisher = publisher
         self.lag = lag
@@ -149,8 +152,13 @@ class Relay:
         #: Publish no further while the pipeline's lag is this many events or more (0: no bound).
         #: It keeps a backlog in the journal rather than in the broker's memory, and a drain short.
         self.max_ahead = max_ahead
-        #: Called with the wall-clock time of every drained point (after the checkpoint is saved).
+        #: Called at drained points of the running relay (not during a drain), with the time before
+        #: which no event still to be published again was journaled (see :meth:`pending_since`).
         self.on_checkpoint = on_checkpoint
+        #: The broker's incarnation id: a relay restarted on the same broker resumes after what its
+        #: predecessor published there (``published.json``) instead of publishing it all again.
+        self.incarnation = incarnation
+        self.progress_path = directory / "published.json"
         self.chunk = chunk
         self.checkpoint = Checkpoint(directory)
         self.published: dict[str, int] = {}
@@ -235,9 +243,51 @@ class Relay:
             self.counters["checkpoints"] += 1
             log.info("relay checkpoint %s", self.published)
         self._prune()
-        if self.on_checkpoint is not None:
-            await self.on_checkpoint(time.time())
+        if self.on_checkpoint is not None and not frozen:
+            await self.on_checkpoint(self.pending_since())
         return True
+
+    def pending_since(self) -> float:
+        """Wall-clock start of the oldest journal file not fully checkpointed (now when none).
+
+        Every event that a restart may publish again was journaled after this time.
+        """
+        for path in journal_files(self.directory):  # oldest first
+            try:
+                if self.checkpoint.get(journal_id(path)) < complete_size(path):
+                    return int(journal_id(path).split("-")[-2]) / 1e9
+            except (FileNotFoundError, IndexError, ValueError):
+                return 0.0  # cannot tell: nothing may be taken as past
+        return time.time()
+
+    async def _resume(self) -> None:
+        """On the broker its predecessor published to, go on after what that one published."""
+        if self.incarnation is None:
+            return
+        try:
+            saved = json.loads(self.progress_path.read_text())
+            current = await self.incarnation()
+        except (OSError, ValueError):
+            return
+        if not isinstance(saved, dict) or saved.get("incarnation") != current:
+            return  # a new broker: everything after the checkpoint must be published to it
+        for fid, position in (saved.get("positions") or {}).items():
+            if int(position) > self.published.get(fid, 0):
+                self.published[fid] = int(position)
+        log.info("relay resumes on broker incarnation %s at %s", current, self.published)
+
+    async def save_progress(self) -> None:
+        """Note what this relay published, and to which broker (no fsync: losing it only means
+        publishing again what the broker already has)."""
+        if self.incarnation is None:
+            return
+        try:
+            doc = {"incarnation": await self.incarnation(), "positions": self.published}
+            tmp = self.progress_path.with_name(".published.json.tmp")
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, self.progress_path)
+        except Exception as exc:  # only an optimisation: the checkpoint is what counts
+            log.warning("relay: progress not saved: %s", exc)
 
     def _prune(self) -> None:
         """Delete files nothing can append to any more and the checkpoint has passed entirely."""
@@ -260,6 +310,7 @@ class Relay:
         self.start()
         if self.archive is not None:
             self.archive.start()
+        await self._resume()
         next_archive = 0.0
         while not stop.is_set():
             try:
@@ -281,15 +332,24 @@ class Relay:
         journal for the next relay instead of keeping the pipeline busy forever, and with
         ``max_ahead`` what is left to process is bounded too.
         """
+        try:
+            return await self._drain(timeout)
+        finally:
+            await self.save_progress()
+
+    async def _drain(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         if self.published == self.checkpoint.positions:
-            # Nothing published since the last drained point: an idle stack stops at once.
+            # Nothing published since the last drained point, and nothing in flight (a
+            # predecessor's events may be): an idle stack stops at once.
             try:
-                if self.archive is not None:
-                    await self.archive.sync()
-                return True
+                if (await self.lag.total_lag() == 0
+                        and (self.workers is None or await self.workers.settled())):
+                    if self.archive is not None:
+                        await self.archive.sync()
+                    return True
             except Exception as exc:
-                log.warning("relay drain: archiving the dead letters failed: %s", exc)
+                log.warning("relay drain: the idle check failed: %s", exc)
         while time.monotonic() < deadline:
             try:
                 if await self.step(time.monotonic(), frozen=True):

@@ -7,6 +7,7 @@ loaded keys at drained points; runs until SIGINT/SIGTERM, then drains.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -19,6 +20,7 @@ from feeders.publisher import EventPublisher
 from feeders.relay import BrokerLag, Relay, WorkersSettled
 from sinks.doris_loaded import LoadedKeys
 from streams.broker import bootstrap_of
+from streams.incarnation import read_incarnation
 from streams.topology import TOPICS, consumed_topics
 
 __all__ = ["run_relay"]
@@ -37,11 +39,14 @@ class _LoadedPruner:
         self.retention_s = retention_s
         self.pruned_at = 0.0
 
-    async def __call__(self, drained_at: float) -> None:
-        if drained_at - self.pruned_at < PRUNE_EVERY_S:
+    async def __call__(self, pending_since: float) -> None:
+        now = time.time()
+        if now - self.pruned_at < PRUNE_EVERY_S:
             return
-        self.pruned_at = drained_at
-        horizon = min(drained_at, time.time() - self.retention_s)
+        self.pruned_at = now
+        # A key is recorded after its event was journaled: keys older than the oldest event that
+        # may still be published again are never needed, and none goes before the retention.
+        horizon = min(pending_since, now - self.retention_s)
         try:
             n = await self.keys.prune(datetime.fromtimestamp(horizon, UTC))
             log.info("pruned %d Doris loaded keys", n)
@@ -66,7 +71,8 @@ async def run_relay(settings: Settings, worker_metrics: Callable[[], list[str]],
                       settle_s=settings.series_window_seconds + 2.0, workers=WorkersSettled(worker_metrics),
                       archive=archive, max_ahead=settings.relay_max_ahead,
                       on_checkpoint=_LoadedPruner(loaded, settings.doris_loaded_retention_hours * 3600)
-                      if loaded is not None else None)
+                      if loaded is not None else None,
+                      incarnation=functools.partial(read_incarnation, bootstrap_of(settings.broker_url)))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,67 @@ async def test_an_idle_relay_drains_at_once(tmp_path: Path) -> None:
     broker.lag = 1
     assert not await relay.drain(0.2)  # published and not processed: not drained
     await journal.stop()
+
+
+async def test_an_idle_relay_still_waits_for_what_a_predecessor_left_in_flight(tmp_path: Path) -> None:
+    broker = Broker()
+    broker.lag = 2  # the previous relay's events, still being processed
+    relay = Relay(tmp_path, broker, broker, settle_s=0.0, interval_s=0.01)
+    relay.start()
+    assert not await relay.drain(0.1)
+    broker.lag = 0
+    assert await relay.drain(0.1)
+
+
+async def test_a_relay_restarted_on_the_same_broker_goes_on_after_its_predecessor(tmp_path: Path) -> None:
+    journal = JournalPublisher(tmp_path, "scp")
+    await journal.start()
+    for i in range(3):
+        await journal.publish({"trace_id": f"t{i}"}, None)
+    broker = Broker()
+    broker.lag = 3  # nothing processed yet: the drain fails, the recycle is put off
+
+    async def same() -> str:
+        return "broker-1"
+
+    first = Relay(tmp_path, broker, broker, settle_s=0.0, interval_s=0.01, incarnation=same)
+    first.start()
+    await first.publish_new()
+    assert not await first.drain(0.05)
+    await journal.publish({"trace_id": "t3"}, None)
+    second = Relay(tmp_path, broker, broker, settle_s=0.0, incarnation=same)
+    second.start()
+    await second._resume()
+    await second.publish_new()
+    assert [e["trace_id"] for _, e in broker.sent] == ["t0", "t1", "t2", "t3"]  # nothing twice
+
+    async def other() -> str:
+        return "broker-2"
+
+    fresh = Broker()
+    third = Relay(tmp_path, fresh, fresh, settle_s=0.0, incarnation=other)
+    third.start()
+    await third._resume()
+    await third.publish_new()  # a new broker gets everything after the checkpoint
+    assert [e["trace_id"] for _, e in fresh.sent] == ["t0", "t1", "t2", "t3"]
+    await journal.stop()
+
+
+async def test_pending_since_is_the_start_of_the_oldest_file_not_checkpointed(tmp_path: Path) -> None:
+    old = JournalPublisher(tmp_path, "cli")
+    await old.start()
+    await old.publish({"trace_id": "a"}, None)
+    await old.stop()
+    newer = JournalPublisher(tmp_path, "scp")
+    await newer.start()
+    await newer.publish({"trace_id": "b"}, None)
+    broker = Broker()
+    relay = Relay(tmp_path, broker, broker, settle_s=0.0)
+    relay.start()
+    assert old.writer.path is not None and newer.writer.path is not None
+    started = int(old.writer.path.name.split("-")[-2].split(".")[0]) / 1e9
+    assert relay.pending_since() == started
+    await relay.publish_new()
+    assert await relay.step(0.0) or await relay.step(0.1)  # drained: all checkpointed
+    assert relay.pending_since() > time.time() - 5  # nothing pending: now
+    await newer.stop()
