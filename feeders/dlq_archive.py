@@ -7,9 +7,9 @@ topics to one append-only, fsynced file (``$DICOMFLOW_HOME/deadletters/archive.j
 and a relay that starts on a fresh broker publishes the archived letters back. Readers
 (``dicomflow dlq``, ``status``, ``replay-dlq``) then keep reading the topics.
 
-A letter is identified by a digest of its topic, key and bytes: the envelope carries the time
-and the worker, so two letters never share one, and a restored letter (same bytes, new
-offset) is recognised as already archived.
+A letter is identified by a digest of its topic, key and envelope without the time and the
+worker: a restored letter (same bytes, new offset) is recognised as archived, and an event
+refused again after a replay is archived (and restored) once.
 """
 
 from __future__ import annotations
@@ -36,10 +36,23 @@ class RawSink(Protocol):
     async def publish_raw(self, value: bytes, key: str | None, *, topic: str | None = None) -> None: ...
 
 
+#: Envelope fields that differ when the same event is refused again (after a replay).
+_CIRCUMSTANCE = ("time", "worker")
+
+
 def _digest(topic: str, key: bytes | None, value: bytes) -> str:
+    """One letter's identity: the same event refused for the same reason is one letter, even
+    when a restart after a power loss processed it twice (different time and worker)."""
     h = hashlib.sha256(topic.encode())
     h.update(b"\0" + (key or b"") + b"\0")
-    h.update(value)
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        h.update(json.dumps({k: v for k, v in doc.items() if k not in _CIRCUMSTANCE}, sort_keys=True).encode())
+    else:
+        h.update(value)
     return h.hexdigest()[:32]
 
 
@@ -82,6 +95,7 @@ class DeadLetterArchive:
         ends = await end_offsets(self.bootstrap, self.topics)
         seen: set[str] = set()
         new: list[tuple[str, str, bytes | None, bytes]] = []
+        batch: set[str] = set()
         first = not self._restored
         for tp, end in sorted(ends.items(), key=lambda kv: (kv[0].topic, kv[0].partition)):
             start = 0 if first else self._scanned.get((tp.topic, tp.partition), 0)
@@ -89,7 +103,8 @@ class DeadLetterArchive:
                 for record in await read_range(self.bootstrap, tp.topic, tp.partition, start, end):
                     d = _digest(record.topic, record.key, record.value)
                     seen.add(d)
-                    if d not in self._archived:
+                    if d not in self._archived and d not in batch:
+                        batch.add(d)
                         new.append((d, record.topic, record.key, record.value))
             self._scanned[(tp.topic, tp.partition)] = end
         if new:
