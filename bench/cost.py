@@ -347,6 +347,32 @@ def _broker_delta(c0: dict[str, Any], c1: dict[str, Any], n: int) -> dict[str, A
             "unparsed_produce_requests": c1.get("unparsed_produce_requests", 0)}
 
 
+def _pynetdicom_floor(files: list[Path], work: Path, sender: str) -> dict[str, Any]:
+    """CPU per instance of ``bench.minimal_scp --durable`` (pynetdicom, temp file, fsync, rename, directory
+    fsync): what any pynetdicom SCP that keeps the durability rule costs before its own work."""
+    port = free_port()
+    rx = work / "rx-floor"
+    rx.mkdir(parents=True, exist_ok=True)
+    with open(work / "minimal_scp.log", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.minimal_scp", "--port", str(port), "--dir", str(rx),
+                                 "--aet", AET, "--durable"], cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True,
+                                start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        if not wait_for_port("127.0.0.1", port, 60):
+            raise RuntimeError("minimal SCP did not listen")
+        cpu0 = tree_cpu_seconds(proc.pid) or 0.0
+        timing = send_files(files, "127.0.0.1", port, AET, sender=sender)
+        cpu1 = tree_cpu_seconds(proc.pid) or 0.0
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=30)
+    if not timing.ok:
+        raise RuntimeError(f"send to the minimal SCP failed: {timing.detail}")
+    n = len(files)
+    return {"instances": n, "rate": n / timing.seconds, "cpu_s": cpu1 - cpu0,
+            "cpu_ms_per_instance": 1000 * (cpu1 - cpu0) / n}
+
+
 def run_cost(*, instances: int = 5000, peer: bool = True, proxy: bool = True, profile: bool = False,
              doris: bool = True, sender: str = "storescu", extra_env: dict[str, str] | None = None,
              profile_target: str = "worker-0", workdir: Path | None = None) -> CostResult:
@@ -363,10 +389,13 @@ def run_cost(*, instances: int = 5000, peer: bool = True, proxy: bool = True, pr
             peer_result = run_peer(tput.files, work / "orthanc", sender=sender)
             if peer_result is None:
                 print(f"cost: Orthanc not installed; last measured: {LAST_MEASURED}", flush=True)
+        print("cost: pynetdicom floor (bench.minimal_scp --durable) ...", flush=True)
+        floor = _pynetdicom_floor(tput.files, work, sender)
         print(f"cost: dicomflow up{' + Doris emulator' if doris else ''}"
               f"{', broker proxy' if proxy else ''}{', py-spy' if profile else ''} ...", flush=True)
         stack_info = asyncio.run(_stack_run(work, tput, warm, proxy=proxy, profile=profile, doris=doris,
                                             sender=sender, extra_env=extra_env or {}, target=profile_target))
+        stack_info["pynetdicom_floor"] = floor
         params = {"instances": instances, "series": len(tput.series_uids), "per_series": PER_SERIES,
                   "doris": doris, "proxy": proxy, "profile": profile, "sender": sender, "extra_env": extra_env or {}}
         result = CostResult(params, peer_result, stack_info)
@@ -443,6 +472,9 @@ def report(r: CostResult) -> str:
     if r.peer:
         for k, v in r.peer["cpu_s"].items():
             rows.append([f"peer: {k}", v, r.peer["cpu_ms_per_instance"][k], None, None])
+    floor = s.get("pynetdicom_floor")
+    if floor:
+        rows.append(["minimal durable pynetdicom SCP", floor["cpu_s"], floor["cpu_ms_per_instance"], None, None])
     lines = [f"cost: {n} instances, {s['sender']}, load average {s['loadavg'][0][0]:.2f} -> {s['loadavg'][1][0]:.2f}",
              table(["process", "cpu s", "ms/instance", "cores busy", "idle cpu s/s"], rows),
              f"outside the stack: {s['outside_stack_cpu_s']}", ""]

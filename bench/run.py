@@ -5,7 +5,8 @@
     python -m bench.run --full     # default sizes plus the long variants (RSS up to 50k instances)
 
 Benchmarks: ingest throughput, series window + PostgreSQL sink, Doris rows per load, C-STORE
-to PostgreSQL (rate and latency), worker peak RSS. ``--only NAME,...`` runs a subset.
+to PostgreSQL (rate and latency), the whole stack's cost per instance against Orthanc
+(``bench.cost``), worker peak RSS. ``--only NAME,...`` runs a subset.
 
 The ingest benchmark includes a profiled run (py-spy if found, else cProfile) unless
 ``--no-profile``. Each benchmark also writes its own JSON to bench/out/; the summary
@@ -19,18 +20,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import doris, ingest, rss, scp, series_pg
+from bench import cost, doris, ingest, rss, scp, series_pg
 from bench.common import Figure, figures_table, machine_info, write_result
 
 __all__ = ["main"]
 
-BENCHMARKS = ("ingest", "series_pg", "doris", "scp", "rss")
+BENCHMARKS = ("ingest", "series_pg", "doris", "scp", "cost", "rss")
 QUICK: dict[str, Any] = {"instances": 300, "series": 4, "pg_series": 10, "pg_per_series": 20, "sink_rows": 2000,
                          "doris_instances": 1000, "scp_instances": 500, "latency_instances": 100,
-                         "latency_per_series": 50, "rss_sizes": [1000, 5000]}
+                         "latency_per_series": 50, "rss_sizes": [1000, 5000], "cost_instances": 500}
 DEFAULT: dict[str, Any] = {"instances": 2000, "series": 20, "pg_series": 50, "pg_per_series": 100,
                            "sink_rows": 20_000, "doris_instances": 5000, "scp_instances": 5000,
-                           "latency_instances": 500, "latency_per_series": 100, "rss_sizes": [5000, 20_000]}
+                           "latency_instances": 500, "latency_per_series": 100, "rss_sizes": [5000, 20_000],
+                           "cost_instances": 5000}
 FULL: dict[str, Any] = {**DEFAULT, "rss_sizes": [5000, 20_000, 50_000]}
 
 
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         step("scp", lambda: scp.run_scp(instances=sizes["scp_instances"], latency_instances=sizes["latency_instances"],
                                         latency_per_series=sizes["latency_per_series"], sender=args.sender),
              scp.report)
+    if "cost" in chosen:
+        step("cost", lambda: cost.run_cost(instances=sizes["cost_instances"], profile=not args.no_profile),
+             cost.report)
     if "rss" in chosen:
         step("rss", lambda: rss.run_rss(sizes=sizes["rss_sizes"]), rss.report)
 
