@@ -170,9 +170,11 @@ class SeriesJsonStage:
             return
         self.schedule(state)
 
-    async def reconcile(self) -> None:
-        """Schedule the series the index says are stale and this worker owns (start, rebalance)."""
-        owned = {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == STATE}
+    async def reconcile(self, owned: set[int] | None = None) -> None:
+        """Schedule the series the index says are stale and this worker owns (start, rebalance);
+        ``owned``: the state topic's partitions (default: this worker's active assignment)."""
+        if owned is None:
+            owned = {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == STATE}
         if not owned:
             return
         rows = await self.index.stale_json(datetime.now(UTC).replace(tzinfo=None), RECONCILE_LIMIT)

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -221,9 +221,9 @@ class _connect:
         await self.conn.close()
 
 
-def _settings(broker: EmbeddedBroker, home: Path, **extra: str) -> Settings:
-    env = worker_env(broker.url, home, DICOMFLOW_POSTGRES_DSN="postgresql://u@127.0.0.1:1/none", **extra)
-    return Settings.from_env(env)
+def _settings(broker: EmbeddedBroker, home: Path, dsn: str = "postgresql://u@127.0.0.1:1/none",
+              **extra: str) -> Settings:
+    return Settings.from_env(worker_env(broker.url, home, DICOMFLOW_POSTGRES_DSN=dsn, **extra))
 
 
 def _state(series: str, version: int, updated: datetime) -> DicomStateMeta:
@@ -273,3 +273,44 @@ async def test_load_gate_measures_the_consumer_lag(fresh_broker: EmbeddedBroker,
     assert stage.counters["lag"] == 30
     open_gate = SeriesJsonStage(app, settings.replace(json_max_lag=30), index)
     assert await open_gate.load_ok() is True
+
+
+async def test_stale_series_found_after_a_restart_written_once_then_covered(broker: EmbeddedBroker, home: Path,
+                                                                           pg_dsn: str, ct_small: Path,
+                                                                           tmp_path: Path) -> None:
+    """What a crash between ack and generation leaves: a state in the index that no JSON covers.
+    The start-up reconcile finds it in the index; it is written once; the same flush read again
+    (a replay) finds it covered and writes nothing."""
+    files = clone_series(ct_small, tmp_path / "src", series=1, instances=3)
+    date, study, series = _place(files, home / "storage")
+    settings = _settings(broker, home, pg_dsn, DICOMFLOW_JSON_QUIET_SECONDS="0")
+    app = create_app(settings)
+    index = open_index(settings)
+    assert index is not None
+    try:
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        state = _state(series, 1, datetime.now(UTC).replace(tzinfo=None, microsecond=0))
+        state.study_uid, state.study_date_origin = study, date
+        state.study_uid_hash, state.series_uid_hash = "11", "22"
+        state.patient_id = str(ds.PatientID)
+        assert not await index.save_states([state])
+
+        stage = SeriesJsonStage(app, settings, index)
+        await stage.reconcile(owned=set(range(settings.partitions)))
+        assert list(stage.pending) == [state.key] and stage.counters["reconciled"] == 1
+        await stage.run_one(stage.pending[state.key])
+        meta = await index.json_meta(TENANT, study, series)
+        assert meta is not None and meta.json_status == 1 and meta.flag_time == state.updated_time
+        path = document_path(home / "storage", TENANT, date, study, series)
+        written = path.stat().st_mtime_ns
+        assert len(json.loads(path.read_bytes())) == 3 and not stage.pending
+        assert series not in {s.series_uid for s in await index.stale_json(datetime.now() + timedelta(1))}
+
+        stage.schedule(state)  # the same flush again: covered
+        await stage.run_one(stage.pending[state.key])
+        assert stage.counters["already_covered"] == 1 and stage.counters["generated"] == 1
+        assert path.stat().st_mtime_ns == written and not stage.pending
+        await stage.reconcile(owned=set(range(settings.partitions)))  # nothing stale any more
+        assert not stage.pending
+    finally:
+        await index.stop()
