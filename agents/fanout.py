@@ -20,7 +20,7 @@ import orjson
 
 from core.errors import Code, ContractError, DicomflowError, FileAccessError
 from dicom.extract import Extracted, extract
-from dicom.paths import open_in_root
+from dicom.paths import open_in_root, path_components
 from schemas import codec
 from schemas.contract import parse_event
 from schemas.deadletter import dead_letter
@@ -160,7 +160,10 @@ def process(raw: bytes, key: bytes | None, *, storage_root: Path, worker: str,
     # window first, which debounces it and sends it on to its topic.
     outputs = [Output(record.ROUTE.topic, series, codec.dumps(record)) for record in result.records()
                if not record.ROUTE.per_series]
-    instance = {"sop_uid": result.image.sop_uid, "trace_id": event.trace_id, "state": result.state}
+    # "path": where the instance file is, relative to the storage root (already checked above):
+    # the series facts record it so the series JSON finds files stored in any layout.
+    instance = {"sop_uid": result.image.sop_uid, "trace_id": event.trace_id, "state": result.state,
+                "path": "/".join(path_components(storage_root, event.file_path))}
     outputs.append(Output(SERIES_INSTANCES, series, codec.dumps(instance)))
     return Outcome(outputs, None, event.trace_id)
 

@@ -67,7 +67,7 @@ class SeriesStage:
         if self.facts is not None:
             fact = await self.facts.record_with_retry(
                 row["tenant_id"], row["study_uid"], row["series_uid"], agg.get("sops", []), agg["created"],
-                should_stop=stopping(self.app))
+                should_stop=stopping(self.app), paths=agg.get("paths"))
             row["series_related_instances"], row["version"] = fact.count, fact.version
             # The series' first created_time, kept with the facts: windows come and go.
             row["created_time"] = codec.format_datetime(fact.created) if fact.created else agg["created"]
@@ -144,11 +144,15 @@ class SeriesStage:
             await self._emit(key, agg)
             agg["dirty"] = False
             agg["sops"] = []
+            agg["paths"] = {}
         if not agg["dirty"]:
             agg["w"] = w
         sops: list[str] = agg.setdefault("sops", [])
         if msg["sop_uid"] not in sops:
             sops.append(msg["sop_uid"])
+        if msg.get("path"):
+            # Where the file is (storage-root relative), recorded with the facts for the series JSON.
+            agg.setdefault("paths", {})[msg["sop_uid"]] = msg["path"]
         agg["off"] = offset
         agg["p"] = partition
         agg["state"] = msg["state"]

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
@@ -42,7 +43,9 @@ from faust.types import StreamT
 from agents.gaps import GapGuard
 from agents.sink_support import release, stopping
 from agents.web_series import register as register_web
+from core.errors import FileAccessError
 from dicom.json_model import JsonOptions
+from dicom.paths import path_components
 from schemas import codec
 from schemas.records import DicomJsonMeta, DicomStateMeta, series_key
 from sinks.base import RetryAborted, retry_until_done, start_or_defer
@@ -53,6 +56,7 @@ from sinks.json_documents import (
     series_directory,
     write_series_document,
 )
+from sinks.series_facts import FactsBase, InstanceFile
 from streams.broker import committed_offsets, end_offsets
 from streams.topology import STATE, consumed_topics
 
@@ -109,10 +113,14 @@ class Pending:
 class SeriesJsonStage:
     """The schedule, the gate and the generation; see the module docstring."""
 
-    def __init__(self, app: DicomflowApp, settings: Settings, index: SeriesIndex) -> None:
+    def __init__(self, app: DicomflowApp, settings: Settings, index: SeriesIndex,
+                 facts: FactsBase | None = None) -> None:
         self.app = app
         self.settings = settings
         self.index = index
+        #: Where each instance's file is (recorded by the series stage); without it, only the
+        #: C-STORE SCP's layout is looked at.
+        self.facts = facts
         self.quiet_s = settings.json_quiet_seconds
         self.options = JsonOptions(bulk_threshold=settings.json_bulk_threshold,
                                    bulk_uri_base=settings.json_bulkdata_base)
@@ -279,9 +287,10 @@ class SeriesJsonStage:
             self._drop(entry)
             return
         failures = meta.retry_times if covered and meta is not None and meta.json_status == STATUS_FAILED else 0
+        listed = await self.facts.instances(row.tenant_id, row.study_uid, row.series_uid) if self.facts else []
         started = time.perf_counter()
         try:
-            document = await asyncio.to_thread(self._generate, row)
+            document = await asyncio.to_thread(self._generate, row, listed)
         except Exception as exc:  # noqa: BLE001 - any failure of this series is recorded and retried
             await self._failed(entry, row, failures + 1, exc)
             return
@@ -325,20 +334,39 @@ class SeriesJsonStage:
                              created_time=datetime.now(UTC).replace(tzinfo=None), json_status=status,
                              retry_times=retries)
 
-    def _generate(self, row: DicomStateMeta) -> SeriesDocument:
+    def _files(self, row: DicomStateMeta, listed: list[InstanceFile]) -> list[Path]:
+        """The series' instance files: the paths the index records (any layout a backfill read),
+        plus the SCP's series directory only for instances recorded without a path (or none)."""
+        root = Path(self.settings.storage_root)
+        files: dict[Path, None] = {}
+        for instance in listed:
+            if instance.path is None:
+                continue
+            try:  # the same rule the ingest applied: inside the root, no '..', no dot-files
+                files[root.joinpath(*path_components(root, instance.path))] = None
+            except FileAccessError as exc:
+                log.warning("series JSON: indexed path of %s refused: %s", instance.sop_uid, exc)
+        if not listed or any(i.path is None for i in listed):
+            directory = series_directory(root, row.tenant_id, row.study_date_origin, row.study_uid, row.series_uid)
+            files.update(dict.fromkeys(instance_files(directory)))
+        return list(files)
+
+    def _generate(self, row: DicomStateMeta, listed: list[InstanceFile]) -> SeriesDocument:
         """Runs in a thread: list the series' files, write the document."""
         s = self.settings
+        files = self._files(row, listed)
         directory = series_directory(s.storage_root, row.tenant_id, row.study_date_origin, row.study_uid,
                                      row.series_uid)
-        files = instance_files(directory)
         if not files:
-            raise FileNotFoundError(f"no instance files in {directory}")
+            raise FileNotFoundError(f"no instance files: {len(listed)} instances indexed, none with a usable "
+                                    f"path, none in {directory}")
         target = document_path(s.json_documents_root, row.tenant_id, row.study_date_origin, row.study_uid,
                                row.series_uid, compressed=s.json_gzip)
         document = write_series_document(files, target, self.options, series_uid=row.series_uid,
                                          compress=s.json_gzip)
         if document.instances == 0:
-            raise ValueError(f"none of the {len(files)} files in {directory} is an instance of the series")
+            raise ValueError(f"none of the {len(files)} files of the series (indexed paths, {directory}) is a "
+                             f"readable instance of it")
         # The other form (gzip switched on or off) would be served first otherwise: remove it.
         other = document_path(s.json_documents_root, row.tenant_id, row.study_date_origin, row.study_uid,
                               row.series_uid, compressed=not s.json_gzip)
@@ -358,13 +386,19 @@ def register(app: DicomflowApp, settings: Settings) -> None:
     if index is None:
         log.warning("no series index configured: series JSON generation is off")
         return
-    stage = SeriesJsonStage(app, settings, index)
+    from sinks.series_facts import open_facts
+
+    # Its own small connection, as the index's: reads where each instance's file is.
+    facts = open_facts(settings.index_dsn) if settings.index_dsn is not None else None
+    stage = SeriesJsonStage(app, settings, index, facts)
 
     async def start() -> None:
         await start_or_defer(index)  # the index may still be starting: its first call starts it
 
     app.start_with(start)
     app.close_on_shutdown(index.stop)
+    if facts is not None:
+        app.close_on_shutdown(facts.stop)
     stage.guard.watch_revocations(app)
     app.metrics.register_counters("series_json", stage.counters)
     app.metrics.register_counters("series_json_gaps", stage.guard.stats)

@@ -165,19 +165,25 @@ def write_series_document(files: Iterable[Path], target: Path, options: JsonOpti
                           compress: bool = False) -> SeriesDocument:
     """Read each file once, streaming, and write the series' document at ``target``.
 
-    A file of another series (or not DICOM) is skipped and reported, not fatal: a stray file in
-    a series directory must not stop its document.
+    A file of another series (or not DICOM), or a second file of an instance already written, is
+    skipped and reported, not fatal: a stray file in a series directory must not stop its document.
     """
     skipped: list[tuple[str, str]] = []
 
     def on_error(path: Path, exc: Exception) -> None:
         skipped.append((str(path), str(exc)))
 
+    seen: set[str] = set()
     with DocumentWriter(target, compress=compress) as writer:
         for instance in series_objects(files, options, on_error):
             if instance.series_uid != series_uid:
                 skipped.append((instance.sop_uid, f"belongs to series {instance.series_uid}"))
                 continue
+            if instance.sop_uid in seen:
+                # The same instance in two files (indexed path and the SCP's layout): once.
+                skipped.append((instance.sop_uid, "a second file of an instance already in the document"))
+                continue
+            seen.add(instance.sop_uid)
             writer.add(instance)
         size = writer.commit()
         return SeriesDocument(target, writer.count, size, skipped)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -28,14 +28,20 @@ from sinks.base import Backoff
 from sinks.pg_pool import LazyPool
 from sinks.postgres import apply_schema
 
-__all__ = ["SeriesFacts", "SeriesFact", "FactsBase", "open_facts", "timestamp"]
+__all__ = ["SeriesFacts", "SeriesFact", "FactsBase", "InstanceFile", "open_facts", "timestamp"]
 
 log = logging.getLogger(__name__)
 
+# A known instance keeps its row; only a new location of its file is written (an instance
+# sent again from elsewhere: the newest file wins, as the newest state does).
 _RECORD = (
-    "INSERT INTO dicom_series_instance (tenant_id, study_uid, series_uid, sop_uid) "
-    "SELECT $1, $2, $3, unnest($4::text[]) ON CONFLICT DO NOTHING"
+    "INSERT INTO dicom_series_instance AS i (tenant_id, study_uid, series_uid, sop_uid, file_path) "
+    "SELECT $1, $2, $3, u.sop, u.path FROM unnest($4::text[], $5::text[]) AS u(sop, path) "
+    "ON CONFLICT (tenant_id, study_uid, series_uid, sop_uid) DO UPDATE SET file_path = EXCLUDED.file_path "
+    "WHERE EXCLUDED.file_path IS NOT NULL AND i.file_path IS DISTINCT FROM EXCLUDED.file_path"
 )
+_INSTANCES = ("SELECT sop_uid, file_path FROM dicom_series_instance WHERE tenant_id = $1 AND study_uid = $2 "
+              "AND series_uid = $3 ORDER BY sop_uid")
 _COUNT = "SELECT count(*) FROM dicom_series_instance WHERE tenant_id = $1 AND study_uid = $2 AND series_uid = $3"
 # First in the transaction: its row lock serialises two flushes of one series (old and new
 # owner during a rebalance), so the count that follows sees the other one's instances.
@@ -55,6 +61,15 @@ class SeriesFact:
     version: int
     #: The created_time of the series' first state (kept: windows come and go).
     created: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceFile:
+    """An instance of a series and where its file is (storage-root relative; None: recorded
+    before paths were, look where the C-STORE SCP stores it)."""
+
+    sop_uid: str
+    path: str | None
 
 
 def timestamp(text: str | None) -> datetime | None:
@@ -81,12 +96,18 @@ class FactsBase(abc.ABC):
 
     @abc.abstractmethod
     async def record(self, tenant: str, study: str, series: str, sop_uids: Sequence[str],
-                     created: str | None = None) -> SeriesFact:
-        """Add ``sop_uids`` to the series' facts (idempotent); return its exact instance count and
-        its next version (one more at every call: what orders the series' states)."""
+                     created: str | None = None, paths: Mapping[str, str] | None = None) -> SeriesFact:
+        """Add ``sop_uids`` to the series' facts (idempotent), with their files' ``paths`` (by SOP
+        UID, storage-root relative) where known; return its exact instance count and its next
+        version (one more at every call: what orders the series' states)."""
+
+    @abc.abstractmethod
+    async def instances(self, tenant: str, study: str, series: str) -> list[InstanceFile]:
+        """Every instance recorded for the series, with its file's path where recorded."""
 
     async def record_with_retry(self, tenant: str, study: str, series: str, sop_uids: Sequence[str],
-                                created: str | None, should_stop: Callable[[], bool]) -> SeriesFact:
+                                created: str | None, should_stop: Callable[[], bool],
+                                paths: Mapping[str, str] | None = None) -> SeriesFact:
         """:meth:`record`, retried with capped backoff until it succeeds or the worker stops.
 
         The caller's event is not acknowledged meanwhile, so a stop replays it later.
@@ -94,7 +115,7 @@ class FactsBase(abc.ABC):
         backoff = Backoff()
         while True:
             try:
-                return await self.record(tenant, study, series, sop_uids, created)
+                return await self.record(tenant, study, series, sop_uids, created, paths)
             except SinkError as exc:
                 if should_stop():
                     raise
@@ -132,13 +153,16 @@ class SeriesFacts(FactsBase):
         await self._pool.stop()
 
     async def record(self, tenant: str, study: str, series: str, sop_uids: Sequence[str],
-                     created: str | None = None) -> SeriesFact:
+                     created: str | None = None, paths: Mapping[str, str] | None = None) -> SeriesFact:
+        # Once each: ON CONFLICT DO UPDATE refuses to touch one row twice in a statement.
+        uids = list(dict.fromkeys(sop_uids))
+        files = [(paths or {}).get(uid) for uid in uids]
         try:
             pool = await self._pool.get()
             async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
                 row = await conn.fetchrow(_NEXT_VERSION, tenant, study, series, timestamp(created))
-                if sop_uids:
-                    await conn.execute(_RECORD, tenant, study, series, list(sop_uids))
+                if uids:
+                    await conn.execute(_RECORD, tenant, study, series, uids, files)
                 count = await conn.fetchval(_COUNT, tenant, study, series)
         except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError,
                 asyncpg.exceptions.CannotConnectNowError) as exc:
@@ -147,3 +171,15 @@ class SeriesFacts(FactsBase):
             raise SinkError(f"series facts: {type(exc).__name__}: {exc}") from exc
         self.counters["recorded_batches"] += 1
         return SeriesFact(int(count), int(row["version"]), row["created_time"])
+
+    async def instances(self, tenant: str, study: str, series: str) -> list[InstanceFile]:
+        try:
+            pool = await self._pool.get()
+            async with pool.acquire(timeout=self.connect_timeout) as conn:
+                rows = await conn.fetch(_INSTANCES, tenant, study, series)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError,
+                asyncpg.exceptions.CannotConnectNowError) as exc:
+            raise SinkRetryableError(f"series facts: {type(exc).__name__}: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            raise SinkError(f"series facts: {type(exc).__name__}: {exc}") from exc
+        return [InstanceFile(r["sop_uid"], r["file_path"]) for r in rows]

@@ -80,6 +80,8 @@ CREATE TABLE IF NOT EXISTS dicom_series_instance
     study_uid                varchar(64)  not null,
     series_uid               varchar(64)  not null,
     sop_uid                  varchar(64)  not null,
+    -- storage-root relative; added to an older table by sinks/mysql_facts.py (no portable IF NOT EXISTS)
+    file_path                text         null,
     primary key (tenant_id, study_uid, series_uid, sop_uid)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 

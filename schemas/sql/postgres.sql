@@ -83,8 +83,14 @@ CREATE TABLE IF NOT EXISTS dicom_series_instance
     study_uid                varchar(64) not null,
     series_uid               varchar(64) not null,
     sop_uid                  varchar(64) not null,
+    file_path                text,
     primary key (tenant_id, study_uid, series_uid, sop_uid)
 );
+
+-- Where the instance's file is (storage-root relative, as in the storage event): the series
+-- JSON reads the files from here, whatever layout they were stored or backfilled in. NULL for
+-- rows recorded before this column (the SCP's layout is looked at instead).
+ALTER TABLE dicom_series_instance ADD COLUMN IF NOT EXISTS file_path text;
 
 CREATE TABLE IF NOT EXISTS dicom_json_meta
 (
