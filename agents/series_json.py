@@ -404,5 +404,5 @@ def register(app: DicomflowApp, settings: Settings) -> None:
     app.metrics.register_counters("series_json_gaps", stage.guard.stats)
     app.agent(app.queues.state, name="series_json")(stage.consume)
     app.timer(stage.tick_s, name="series_json_tick")(stage.tick)
-    register_web(app, settings, index)
+    register_web(app, settings, index, facts)
 

@@ -5,6 +5,9 @@
   document goes out as is to a client that accepts gzip, inflated on the fly otherwise.
 - ``GET /studies/{study}/series``: the series rows of the study from the index (the seeds'
   ``get_state_metaes``), as JSON.
+- ``GET /studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}[/{item}/{tag}…]``: what
+  a document's BulkDataURI names, the element's value as ``application/octet-stream``, streamed
+  from the instance file (found through the path the index records; dicom/bulkdata.py).
 
 The tenant comes from the ``X-Tenant-Id`` header or the ``tenant`` query parameter. Unknown
 ids answer 404, malformed ones 400, an unreachable index 503, each with
@@ -15,19 +18,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
+from core.errors import DicomflowError
+from dicom.bulkdata import BulkValue, iter_value, locate, parse_tag_path
+from dicom.json_model import JsonOptions
+from dicom.paths import path_components
 from schemas import codec
-from sinks.json_documents import Lookup, check_ids, find_document, iter_document
+from sinks.json_documents import Lookup, check_ids, find_document, iter_document, safe_component, series_directory
 
 if TYPE_CHECKING:
     from faust.web import View
 
     from core.settings import Settings
     from sinks.index import SeriesIndex
+    from sinks.series_facts import FactsBase
     from streams.app import DicomflowApp
 
 __all__ = ["register", "TENANT_HEADER", "DICOM_JSON"]
@@ -37,6 +48,7 @@ log = logging.getLogger(__name__)
 TENANT_HEADER = "X-Tenant-Id"
 DICOM_JSON = "application/dicom+json"
 _STATUS = {"BAD_REQUEST": 400, "NOT_FOUND": 404, "UNAVAILABLE": 503}
+_SOP = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _error(code: str, message: str) -> web.Response:
@@ -66,9 +78,46 @@ async def stream_document(request: web.Request, lookup: Lookup) -> web.StreamRes
     return response
 
 
-def register(app: DicomflowApp, settings: Settings, index: SeriesIndex) -> None:
-    """The two views, on ``index`` (the JSON stage's own)."""
+async def _stream_chunks(request: web.Request, chunks: Iterator[bytes], content_type: str,
+                         length: int | None) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    if length is not None:
+        response.content_length = length
+    await response.prepare(request)
+    try:
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            await response.write(chunk)
+    finally:
+        chunks.close()  # type: ignore[attr-defined]
+    await response.write_eof()
+    return response
+
+
+async def _instance_file(index: SeriesIndex, facts: FactsBase | None, storage_root: Path, tenant: str,
+                         study: str, series: str, sop: str) -> Path | Lookup:
+    """The instance's file: its indexed path, else where the C-STORE SCP stores it."""
+    listed = await facts.instances(tenant, study, series) if facts is not None else []
+    known = next((i for i in listed if i.sop_uid == sop), None)
+    if facts is not None and known is None:
+        return Lookup(code="NOT_FOUND", message=f"unknown instance: tenant={tenant} study={study} series={series} "
+                                                f"sop={sop}")
+    if known is not None and known.path is not None:
+        try:
+            return storage_root.joinpath(*path_components(storage_root, known.path))
+        except DicomflowError as exc:
+            return Lookup(code="NOT_FOUND", message=f"instance {sop}: indexed path refused: {exc}")
+    row = next((r for r in await index.series_of_study(tenant, study) if r.series_uid == series), None)
+    if row is None:
+        return Lookup(code="NOT_FOUND", message=f"unknown series: tenant={tenant} study={study} series={series}")
+    directory = series_directory(storage_root, tenant, row.study_date_origin, study, series)
+    return directory / f"{safe_component(sop)}.dcm"
+
+
+def register(app: DicomflowApp, settings: Settings, index: SeriesIndex, facts: FactsBase | None = None) -> None:
+    """The views, on ``index`` and ``facts`` (the JSON stage's own)."""
     root = settings.json_documents_root
+    storage_root = Path(settings.storage_root)
+    defer_size = JsonOptions(bulk_threshold=settings.json_bulk_threshold).defer_size
 
     @app.page("/studies/{study}/series/{series}/metadata", name="series_metadata")
     async def series_metadata(view: View, request: Any, study: str, series: str) -> Any:
@@ -96,3 +145,34 @@ def register(app: DicomflowApp, settings: Settings, index: SeriesIndex) -> None:
         if not rows:
             return _error("NOT_FOUND", f"unknown study: tenant={tenant} study={study}")
         return web.Response(body=codec.dumps(rows), content_type="application/json")
+
+    @app.page("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tags:.+}", name="series_bulkdata")
+    async def series_bulkdata(view: View, request: Any, study: str, series: str, sop: str, tags: str) -> Any:
+        tenant = _tenant(request)
+        bad = check_ids(tenant, study, series)
+        if bad is not None:
+            return _error(bad.code, bad.message)
+        assert tenant is not None
+        if not _SOP.fullmatch(sop):
+            return _error("BAD_REQUEST", "instance: not a UID")
+        try:
+            tag_path = parse_tag_path(tags)
+        except ValueError as exc:
+            return _error("BAD_REQUEST", str(exc))
+        try:
+            found = await _instance_file(index, facts, storage_root, tenant, study, series, sop)
+        except Exception as exc:  # noqa: BLE001 - the index down: say so, do not crash the view
+            log.warning("bulkdata view: index unavailable: %s", exc)
+            return _error("UNAVAILABLE", "series index unavailable")
+        if isinstance(found, Lookup):
+            return _error(found.code, found.message)
+        if not found.is_file():
+            return _error("NOT_FOUND", f"instance {sop}: its file is gone")
+        try:
+            where: BulkValue | None = await asyncio.to_thread(locate, found, tag_path, defer_size)
+        except DicomflowError as exc:
+            return _error("NOT_FOUND", f"instance {sop}: {exc}")
+        if where is None:
+            return _error("NOT_FOUND", f"instance {sop} has no element at {tags}")
+        length = len(where.data) if where.data is not None else where.length
+        return await _stream_chunks(request, iter_value(found, where), "application/octet-stream", length)

@@ -1,5 +1,6 @@
 """Series JSON for a series backfilled from any folder layout: the stage finds its instance files
-through the paths the index records, on PostgreSQL and on MariaDB, through a real worker.
+through the paths the index records, on PostgreSQL and on MariaDB, through a real worker; the
+document's BulkDataURIs resolve on the worker's web port to the bytes pydicom reads.
 
 The files are named by hand in nested folders inside the storage root (not the C-STORE SCP's
 ``{tenant}/{date}/{study}/{series}`` layout), one of them twice (a copy of an instance under
@@ -14,6 +15,8 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -49,6 +52,15 @@ def _backfill(env: dict[str, str], directory: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "dicomflow.cli", "backfill", str(directory), "--tenant", TENANT,
                            "--no-progress"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _http(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 - the test's own worker
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
 
 
 async def test_a_series_backfilled_from_any_layout_gets_its_json(fresh_broker: EmbeddedBroker, home: Path,
@@ -92,6 +104,26 @@ async def test_a_series_backfilled_from_any_layout_gets_its_json(fresh_broker: E
         document = json.loads(document_path(storage, TENANT, date, study, series).read_bytes())
         assert sorted(o["00080018"]["Value"][0] for o in document) == sops
         assert [o["00200013"]["Value"][0] for o in document] == [1, 2, 3, 4]
+
+        # Its BulkDataURIs resolve on the worker's web port: the element's bytes, as pydicom reads them.
+        web = f"http://127.0.0.1:{env['DICOMFLOW_WEB_PORT']}"
+        by_sop = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
+        for obj in (document[0], document[-1]):
+            uri = obj["7FE00010"]["BulkDataURI"]
+            assert uri.startswith(f"/studies/{study}/series/{series}/instances/") and uri.endswith("/bulkdata/7FE00010")
+            status, headers, body = _http(f"{web}{uri}", {"X-Tenant-Id": TENANT})
+            assert status == 200 and headers["Content-Type"] == "application/octet-stream"
+            assert body == pydicom.dcmread(by_sop[obj["00080018"]["Value"][0]]).PixelData
+            assert int(headers["Content-Length"]) == len(body)
+        uri = document[0]["7FE00010"]["BulkDataURI"]
+        for bad, (code, error) in {uri.replace("7FE00010", "7FE00011"): (404, "NOT_FOUND"),
+                                   uri.replace("/instances/1.", "/instances/9."): (404, "NOT_FOUND"),
+                                   uri.replace("7FE00010", "7FE0001X"): (400, "BAD_REQUEST"),
+                                   uri + "/0": (400, "BAD_REQUEST")}.items():
+            status, _, body = _http(f"{web}{bad}", {"X-Tenant-Id": TENANT})
+            assert (status, json.loads(body)["error"]["code"]) == (code, error), bad
+        assert _http(f"{web}{uri}", {"X-Tenant-Id": "other"})[0] == 404  # another tenant's instance
+        assert _http(f"{web}{uri}")[0] == 400  # no tenant
     finally:
         worker.stop()
         await index.stop()
