@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
@@ -104,6 +104,8 @@ class DorisStage:
     #: DICOMFLOW_DORIS_IDLE_FLUSH (0: batches close only on rows, bytes or max interval).
     idle_flush_s: float = 0.0
     idle_flush_min_age_s: float = IDLE_FLUSH_MIN_AGE_S
+    #: The partition's high watermark as the consumer last fetched it (None: not known yet).
+    highwater: Callable[[int], int | None] = lambda partition: None
     #: When each partition last delivered an event (monotonic).
     last_event: dict[int, float] = field(default_factory=dict)
 
@@ -111,18 +113,23 @@ class DorisStage:
         """The batcher's interval flush, then the batches of partitions that went idle.
 
         The interval exists to make batches large under load; once a partition delivers
-        nothing more, waiting out the interval only delays the burst's tail. An early load is
-        an ordinary batch (its intent is recorded first), so exactly-once is unchanged; a batch
-        rebuilt from an intent keeps its recorded end and is never cut early.
+        nothing more, waiting out the interval only delays the burst's tail. Quiet means both:
+        no event for ``idle_flush_s`` and the batch ends at the partition's high watermark.
+        The watermark matters: while this stage waits for one partition's load, it reads no
+        event at all, so every other partition looks quiet although the consumer holds its
+        records. An early load is an ordinary batch (its intent is recorded first), so
+        exactly-once is unchanged; a batch rebuilt from an intent keeps its recorded end and is
+        never cut early.
         """
         await self.batcher.tick()
         if self.idle_flush_s <= 0:
             return
         now = time.monotonic()
         for partition, part in list(self.batcher.parts.items()):
-            if (part.first is not None and part.forced_end is None
+            if (part.first is not None and part.last is not None and part.forced_end is None
                     and now - part.started >= self.idle_flush_min_age_s
-                    and now - self.last_event.get(partition, 0.0) >= self.idle_flush_s):
+                    and now - self.last_event.get(partition, 0.0) >= self.idle_flush_s
+                    and (hw := self.highwater(partition)) is not None and part.last + 1 >= hw):
                 self.batcher.counters["idle_flushes"] += 1
                 await self.batcher.flush(partition)
 
@@ -188,7 +195,15 @@ def _stage(app: DicomflowApp, settings: Settings, spec: TopicSpec, client: Strea
     batcher = DorisBatcher(sink, spec.name, ports, BatchLimits.from_settings(settings), kind=kind,
                            dedup_trace=spec.dedup_trace)
     batcher.counters["idle_flushes"] = 0
-    return DorisStage(spec, batcher, guard, acks, idle_flush_s=settings.doris_idle_flush)
+
+    def highwater(partition: int) -> int | None:
+        try:
+            value = app.consumer.highwater(TP(spec.name, partition))
+        except Exception:  # noqa: BLE001 - no consumer (yet): not known, no early load
+            return None
+        return int(value) if value is not None else None
+
+    return DorisStage(spec, batcher, guard, acks, idle_flush_s=settings.doris_idle_flush, highwater=highwater)
 
 
 def register(app: DicomflowApp, settings: Settings) -> None:

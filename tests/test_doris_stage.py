@@ -143,8 +143,9 @@ async def test_an_idle_partition_loads_its_batch_before_the_interval(fresh_broke
                                                       ports.ports(), BatchLimits(100, 1 << 30, 3600.0, 100),
                                                       kind="object", dedup_trace=False)
             batcher.counters["idle_flushes"] = 0
+            highwater = {0: 4}  # the consumer saw a fourth record that has not reached the stage yet
             stage = DorisStage(spec, batcher, GapGuard(_app(fresh_broker), LOG), _ManualAck(), idle_flush_s=idle,
-                               idle_flush_min_age_s=0.5)
+                               idle_flush_min_age_s=0.5, highwater=highwater.get)
 
             async def source() -> AsyncIterator[_Event]:
                 for offset, v in enumerate(values):
@@ -155,6 +156,11 @@ async def test_an_idle_partition_loads_its_batch_before_the_interval(fresh_broke
             assert doris_emulator.rows(OBJECT) == [] and ports.acked == []
             stages.append((stage, ports))
         (off, off_ports), (on, on_ports) = stages
+        # Quiet, but behind the high watermark (the stage was busy, not the partition): no early load.
+        await asyncio.sleep(0.6)
+        await on.tick()
+        assert doris_emulator.rows(OBJECT) == [] and on.batcher.counters["idle_flushes"] == 0
+        on.highwater = {0: 3}.get  # the batch now ends at the watermark
         deadline = loop_time() + 10
         while len(doris_emulator.rows(OBJECT)) < 3:
             assert loop_time() < deadline, "the idle batch was not loaded"
