@@ -188,17 +188,17 @@ async def test_series_json_generated_served_and_regenerated_once(fresh_broker: E
         assert _metric(web, "dicomflow_json_oldest_stale_seconds") == 0
         assert sink_counters([f"{web}/metrics"])["json"] == {"stale_series": 0, "oldest_stale_seconds": 0}
 
-        # A series whose files are gone before its JSON is due (read by the ingest, then deleted)
-        # fails, is retried once (DICOMFLOW_JSON_MAX_RETRIES=1), then reported and left.
+        # A series whose document cannot be written (a file stands where its study's directory
+        # must go: deterministic, whatever the timing) fails, is retried once
+        # (DICOMFLOW_JSON_MAX_RETRIES=1), then reported and left.
         other = clone_series(ct_small, storage / "old", series=1, instances=2)
-        other_series = str(pydicom.dcmread(other[0]).SeriesInstanceUID)
+        other_ds = pydicom.dcmread(other[0])
+        other_series = str(other_ds.SeriesInstanceUID)
+        blocker = document_path(storage, TENANT, str(other_ds.StudyDate), str(other_ds.StudyInstanceUID),
+                                other_series).parent
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_bytes(b"not a directory")
         _backfill(env, storage / "old")
-
-        async def indexed() -> bool:
-            return (await _meta_and_state(pg_dsn, other_series))[1] is not None
-
-        await _until(indexed, "the other series in the index", timeout=60)
-        shutil.rmtree(storage / "old")  # well within the quiet period that follows the state
 
         async def reported() -> asyncpg.Record | None:
             meta, _ = await _meta_and_state(pg_dsn, other_series)
