@@ -125,6 +125,7 @@ class Stack:
     _next_server_check: float = 0.0
     _next_recycle_check: float = 0.0
     _last_recycle: float = 0.0
+    _recycling: bool = False
     recycles: int = 0
 
     def check_not_running(self) -> None:
@@ -300,6 +301,13 @@ class Stack:
            checkpoint on (what the SCP accepted meanwhile) and restores the dead letters.
         Returns True when the broker was replaced.
         """
+        self._recycling = True
+        try:
+            return self._recycle_broker(reason)
+        finally:
+            self._recycling = False
+
+    def _recycle_broker(self, reason: str) -> bool:
         assert self.broker is not None
         relay = [c for c in self.children if c.name == "relay"]
         workers = [c for c in self.children if c.name not in ("scp", "relay")]
@@ -340,8 +348,11 @@ class Stack:
         self._tend_servers(now)
         if not self._stopping:
             self._tend_broker_memory(now)
+        self._tend_children(now, self.children)
+
+    def _tend_children(self, now: float, children: list[Child]) -> None:
         changed = False
-        for child in self.children:
+        for child in children:
             if child.proc is not None and child.restart_at is None and child.proc.poll() is not None:
                 child.last_exit = child.proc.returncode
                 ran = now - child.started
@@ -402,6 +413,9 @@ class Stack:
                     c.proc.wait()  # type: ignore[union-attr]
                     c.last_exit = c.proc.returncode  # type: ignore[union-attr]
                 break
+            if self._recycling and not self._stopping:
+                # A recycle takes a while: the SCP must keep being served (restarted if it dies).
+                self._tend_children(now, [c for c in self.children if c.name == "scp"])
             if live and now >= next_note:
                 self.echo(f"dicomflow: waiting for {what} ({', '.join(c.name for c in live)}, "
                           f"{now - started:.0f} s of {grace:.0f} s)")
