@@ -21,7 +21,7 @@ import orjson
 from jsonschema import Draft202012Validator
 
 from core.errors import ContractError, DicomflowError
-from dicom.paths import open_in_root
+from dicom.paths import open_in_root, path_components
 from dicom.reader import read_instance_header
 from schemas.contract import schema, validate_event
 
@@ -154,9 +154,24 @@ def check_event(event: Any, where: str, *, storage_root: Path | None = None) -> 
         except ContractError as exc:
             if not checked.problems:
                 checked.problems.append(Problem("$", "type", exc.message))
+    if checked.ok and isinstance(event, dict):
+        checked.problems += _path_problems(event)
     if checked.ok and storage_root is not None:
         checked.problems += _file_problems(event, storage_root)
     return checked
+
+
+def _path_problems(event: dict[str, Any]) -> list[Problem]:
+    """What ingest will refuse about ``file_path`` without opening anything (``..``, NUL, dot
+    components); an absolute path needs the storage root, so only ``--check-files`` judges it."""
+    file_path = event.get("file_path")
+    if not isinstance(file_path, str) or file_path.startswith("/"):
+        return []
+    try:
+        path_components(Path("/"), file_path)
+    except DicomflowError as exc:
+        return [Problem("$.file_path", exc.code, exc.message)]
+    return []
 
 
 def check_text(text: str, *, storage_root: Path | None = None) -> list[Checked]:

@@ -97,3 +97,13 @@ def test_check_files_opens_each_file_under_the_storage_root(tmp_path: Path, ct_s
     assert any(line.startswith("line 4 trace_id=trace-other: $.sop_uid: [matches the file]") and sop in line
                for line in out), out
     assert any(line.startswith("line 5 trace_id=trace-escape: $.file_path: [PATH_ESCAPE]") for line in out), out
+
+
+
+def test_a_path_ingest_will_refuse_fails_without_check_files() -> None:
+    # ingest refuses it when it opens the file (PATH_ESCAPE); that needs no file to tell
+    escaping = {**GOOD, "trace_id": "trace-esc", "file_path": "../etc/passwd"}
+    proc = _validate("-", stdin=orjson.dumps(escaping).decode())
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert any(line.startswith("line 1 trace_id=trace-esc: $.file_path: [PATH_ESCAPE]")
+               for line in proc.stdout.splitlines()), proc.stdout
