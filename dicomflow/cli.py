@@ -111,7 +111,7 @@ def backfill(directory: Path, tenant: str | None, broker: str | None, no_progres
     started = time.monotonic()
     summary = _with_publisher(settings, lambda publisher: run_backfill(
         directory, storage_root=settings.storage_root, tenant=tenant, worker=settings.worker_id,
-        publisher=publisher, progress=not no_progress))
+        publisher=publisher, progress=not no_progress, json_root=settings.json_documents_root))
     elapsed = time.monotonic() - started
     click.echo(f"backfill: tenant={tenant} files={summary.files} published={summary.published} "
                f"failed={summary.failed} without_dicom_ids={summary.unreadable_headers} "

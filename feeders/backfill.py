@@ -38,14 +38,20 @@ class BackfillSummary:
     errors: list[str] = field(default_factory=list)
 
 
-def iter_files(root: Path) -> Iterator[Path]:
+def iter_files(root: Path, *, json_root: Path | None = None) -> Iterator[Path]:
     """Every regular file below root, in a stable order (symlinks are not followed).
 
     Dot-entries are skipped: they are work in progress (the SCP's spool directory, its
-    ``.name.part`` temporaries and ``.prev`` safety copies), never stored instances.
+    ``.name.part`` temporaries and ``.prev`` safety copies), never stored instances. So are
+    the series JSON documents, ``{json_root}/{tenant}/metadata/``: by default they live in the
+    storage root too, and they are dicomflow's output, not instances.
     """
+    documents = json_root.resolve() if json_root is not None else None
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and not (d == "metadata" and documents is not None
+                                      and here.resolve().parent == documents))
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
@@ -85,7 +91,7 @@ def event_for(path: Path, storage_root: Path, tenant: str, worker: str) -> tuple
 
 
 async def backfill(root: Path, *, storage_root: Path, tenant: str, worker: str, publisher: EventPublisher,
-                   progress: bool = True, max_in_flight: int = 256) -> BackfillSummary:
+                   progress: bool = True, max_in_flight: int = 256, json_root: Path | None = None) -> BackfillSummary:
     """Walk ``root`` (which must lie inside the storage root) and publish an event per file."""
     root = root.resolve()
     storage = storage_root.resolve()
@@ -97,7 +103,7 @@ async def backfill(root: Path, *, storage_root: Path, tenant: str, worker: str, 
         if owner is not None and owner != tenant:
             raise ConfigError(f"{root} is in the tree of tenant {owner!r}; it cannot be backfilled as tenant "
                               f"{tenant!r}", field="--tenant")
-    files = list(iter_files(root))
+    files = list(iter_files(root, json_root=json_root))
     summary = BackfillSummary(files=len(files))
     bar: Any = None
     if progress:

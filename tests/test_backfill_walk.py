@@ -26,6 +26,19 @@ def test_walk_skips_spool_temporaries_and_safety_copies(tmp_path: Path) -> None:
     assert list(iter_files(tmp_path)) == [series / "1.4.dcm", series / "1.5.dcm"]
 
 
+def test_walk_skips_the_series_json_documents_in_the_storage_root(tmp_path: Path) -> None:
+    # the embedded default writes {storage}/{tenant}/metadata/{date}/{study}/{series}.json
+    instance = tmp_path / "default" / "20240101" / "1.2" / "1.3" / "1.4.dcm"
+    document = tmp_path / "default" / "metadata" / "20240101" / "1.2" / "1.3.json"
+    for path in (instance, document):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+    assert list(iter_files(tmp_path, json_root=tmp_path)) == [instance]
+    assert list(iter_files(tmp_path / "default", json_root=tmp_path)) == [instance]
+    # a folder named metadata elsewhere is an ordinary folder
+    assert document in list(iter_files(tmp_path, json_root=tmp_path / "elsewhere"))
+
+
 class _Recorder:
     """Stands in for EventPublisher: keeps what was published."""
 
