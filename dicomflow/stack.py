@@ -374,6 +374,8 @@ class Stack:
 
     def stop(self) -> None:
         """Drain, in order: the SCP stops accepting, the workers flush, then PostgreSQL and the broker."""
+        self.echo("dicomflow: stopping: the SCP stops accepting, then the pipeline drains and stops "
+                  f"(at most {SCP_GRACE_S + self.settings.relay_drain_seconds + 5 + DRAIN_S:.0f} s)")
         scp = [c for c in self.children if c.name == "scp"]
         relay = [c for c in self.children if c.name == "relay"]
         workers = [c for c in self.children if c.name not in ("scp", "relay")]
