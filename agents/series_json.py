@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -362,7 +363,8 @@ class SeriesJsonStage:
                                     f"path, none in {directory}")
         target = document_path(s.json_documents_root, row.tenant_id, row.study_date_origin, row.study_uid,
                                row.series_uid, compressed=s.json_gzip)
-        document = write_series_document(files, target, self.options, series_uid=row.series_uid,
+        options = dataclasses.replace(self.options, tenant=row.tenant_id)
+        document = write_series_document(files, target, options, series_uid=row.series_uid,
                                          compress=s.json_gzip)
         if document.instances == 0:
             raise ValueError(f"none of the {len(files)} files of the series (indexed paths, {directory}) is a "

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import pydicom
@@ -66,6 +67,9 @@ class JsonOptions:
     bulk_threshold: int = DEFAULT_BULK_THRESHOLD
     #: Prefix of every BulkDataURI (e.g. the WADO-RS root ``https://pacs/dicomweb``); empty: a relative URI.
     bulk_uri_base: str = ""
+    #: The tenant the document belongs to: named in every BulkDataURI (``?tenant=``), so that the
+    #: URI resolves as written (the worker's routes need a tenant); None: not named.
+    tenant: str | None = None
 
     @property
     def defer_size(self) -> int:
@@ -90,7 +94,8 @@ def sort_key(instance_number: int | None, sop_uid: str) -> tuple[int, int, str]:
 
 
 def bulk_uri(options: JsonOptions, study: str, series: str, sop: str, path: Iterable[str]) -> str:
-    return f"{options.bulk_uri_base}/studies/{study}/series/{series}/instances/{sop}/bulkdata/{'/'.join(path)}"
+    uri = f"{options.bulk_uri_base}/studies/{study}/series/{series}/instances/{sop}/bulkdata/{'/'.join(path)}"
+    return uri if options.tenant is None else f"{uri}?tenant={quote(options.tenant, safe='')}"
 
 
 def _struct(fmt: str, count: int) -> struct.Struct:
