@@ -66,8 +66,8 @@ async def run_relay(settings: Settings, worker_metrics: Callable[[], list[str]],
     try:
         archive = DeadLetterArchive(settings.home / "deadletters", bootstrap_of(settings.broker_url), publisher,
                                     [t.name for t in TOPICS if t.dead_letters])
-        relay = Relay(settings.journal_dir, publisher,
-                      BrokerLag(settings.broker_url, settings.app_id, list(consumed_topics(settings.doris_enabled))),
+        lag = BrokerLag(settings.broker_url, settings.app_id, list(consumed_topics(settings.doris_enabled)))
+        relay = Relay(settings.journal_dir, publisher, lag,
                       settle_s=settings.series_window_seconds + 2.0, workers=WorkersSettled(worker_metrics),
                       archive=archive, max_ahead=settings.relay_max_ahead,
                       on_checkpoint=_LoadedPruner(loaded, settings.doris_loaded_retention_hours * 3600)
@@ -79,8 +79,11 @@ async def run_relay(settings: Settings, worker_metrics: Callable[[], list[str]],
             loop.add_signal_handler(sig, stop.set)
         if stop_asked():
             stop.set()
-        await relay.run(stop)
-        return await relay.drain(settings.relay_drain_seconds)
+        try:
+            await relay.run(stop)
+            return await relay.drain(settings.relay_drain_seconds)
+        finally:
+            await lag.close()
     finally:
         await publisher.stop()
         if loaded is not None:

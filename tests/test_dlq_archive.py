@@ -58,3 +58,37 @@ async def test_letters_are_archived_once_and_restored_into_a_fresh_broker(tmp_pa
             assert len(await _letters(fresh)) == 2
         finally:
             await publisher.stop()
+
+
+async def test_the_relays_lag_probe_reads_a_real_broker_with_one_client(fresh_broker: EmbeddedBroker) -> None:
+    from aiokafka import TopicPartition
+    from aiokafka.structs import OffsetAndMetadata
+
+    from feeders.relay import BrokerLag
+    from streams.broker import ensure_topics, new_consumer
+    from streams.topology import IMAGE, STORAGE
+
+    await ensure_topics(fresh_broker.bootstrap, [STORAGE, IMAGE], 1)
+    publisher = EventPublisher(fresh_broker.url, EMBEDDED_PROFILE, partitions=1)
+    await publisher.start()
+    try:
+        for i in range(3):
+            await publisher.publish_raw(b"{}", f"k{i}", topic=STORAGE)
+        await publisher.publish_raw(b"{}", "k", topic=IMAGE)
+    finally:
+        await publisher.stop()
+    committer = new_consumer(fresh_broker.bootstrap, "g-lag")
+    await committer.start()
+    try:
+        committer.assign([TopicPartition(STORAGE, 0)])
+        await committer.commit({TopicPartition(STORAGE, 0): OffsetAndMetadata(1, "")})
+    finally:
+        await committer.stop()
+    lag = BrokerLag(fresh_broker.url, "g-lag", [STORAGE, IMAGE])
+    try:
+        assert await lag.input_lag() == 2  # only what ingest has not read yet
+        assert await lag.total_lag() == 3
+        first = lag._client
+        assert await lag.input_lag() == 2 and lag._client is first  # the same client every time
+    finally:
+        await lag.close()
