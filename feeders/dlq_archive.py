@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,15 +65,15 @@ class DeadLetterArchive:
         self.bootstrap = bootstrap
         self.publisher = publisher
         self.topics = topics
-        #: digest -> (topic, key, value) of every archived letter.
-        self._archived: dict[str, tuple[str, bytes | None, bytes]] = {}
+        #: Digests of every archived letter.
+        self._archived: set[str] = set()
         #: How far this process has read each partition (a fresh broker starts again at 0).
         self._scanned: dict[tuple[str, int], int] = {}
         self._restored = False
         self.counters = {"archived": 0, "restored": 0}
 
-    def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def _read(self) -> Iterator[tuple[str, str, bytes | None, bytes]]:
+        """(digest, topic, key, value) of every archived letter, from the file."""
         with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as f:
             for line in f:
                 if not line.endswith(b"\n"):
@@ -81,9 +82,14 @@ class DeadLetterArchive:
                     doc = json.loads(line)
                     key = base64.b64decode(doc["key_b64"]) if doc.get("key_b64") is not None else None
                     value = base64.b64decode(doc["value_b64"])
-                    self._archived[_digest(doc["topic"], key, value)] = (doc["topic"], key, value)
+                    yield _digest(doc["topic"], key, value), doc["topic"], key, value
                 except (ValueError, KeyError) as exc:
                     log.error("dead-letter archive line not decodable: %s", exc)
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Digests only: the letters themselves stay on disk (there may be many, up to 64 KB each).
+        self._archived = {d for d, *_ in self._read()}
         log.info("dead-letter archive %s holds %d letters", self.path, len(self._archived))
 
     def __len__(self) -> int:
@@ -110,13 +116,15 @@ class DeadLetterArchive:
         if new:
             self._append(new)
         if first:
-            missing = [(t, k, v) for d, (t, k, v) in self._archived.items() if d not in seen and t in self.topics]
-            for topic, key, value in missing:
-                await self.publisher.publish_raw(value, key.decode() if key else None, topic=topic)
-            if missing:
-                log.info("dead-letter archive: %d letters published back to a broker that had lost them",
-                         len(missing))
-            self.counters["restored"] += len(missing)
+            restored = 0
+            for d, topic, key, value in self._read():
+                if d not in seen and topic in self.topics:
+                    seen.add(d)
+                    await self.publisher.publish_raw(value, key.decode() if key else None, topic=topic)
+                    restored += 1
+            if restored:
+                log.info("dead-letter archive: %d letters published back to a broker that had lost them", restored)
+            self.counters["restored"] += restored
             self._restored = True
         return len(new)
 
@@ -146,8 +154,7 @@ class DeadLetterArchive:
                 raise
         finally:
             os.close(fd)
-        for d, topic, key, value in letters:
-            self._archived[d] = (topic, key, value)
+        self._archived.update(d for d, *_ in letters)
         self.counters["archived"] += len(letters)
 
     def describe(self) -> dict[str, Any]:
