@@ -64,23 +64,15 @@ async def stream_document(request: web.Request, lookup: Lookup) -> web.StreamRes
     """Send the document in chunks read in a thread (the event loop never waits on the disk)."""
     assert lookup.path is not None
     raw_gzip = lookup.compressed and "gzip" in request.headers.get("Accept-Encoding", "")
-    response = web.StreamResponse(headers={"Content-Type": DICOM_JSON})
-    if raw_gzip:
-        response.headers["Content-Encoding"] = "gzip"
     chunks = iter_document(lookup.path, compressed=lookup.compressed, decompress=not raw_gzip)
-    await response.prepare(request)
-    try:
-        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
-            await response.write(chunk)
-    finally:
-        chunks.close()  # type: ignore[attr-defined]
-    await response.write_eof()
-    return response
+    return await _stream_chunks(request, chunks, DICOM_JSON, None,
+                                {"Content-Encoding": "gzip"} if raw_gzip else None)
 
 
 async def _stream_chunks(request: web.Request, chunks: Iterator[bytes], content_type: str,
-                         length: int | None) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": content_type})
+                         length: int | None, headers: dict[str, str] | None = None) -> web.StreamResponse:
+    """Send ``chunks``, each read in a thread (the event loop never waits on the disk)."""
+    response = web.StreamResponse(headers={"Content-Type": content_type, **(headers or {})})
     if length is not None:
         response.content_length = length
     await response.prepare(request)
