@@ -89,7 +89,9 @@ async def test_sigkill_mid_batch_no_duplicate_trace_ids(fresh_broker: EmbeddedBr
     env2 = fresh_web_port(env)
     w2 = WorkerProcess(env2, home / "w2.log").start()
     try:
-        await _until(lambda: len({r["trace_id"] for r in doris_emulator.rows("dicom_object_meta")}) >= len(files),
+        # Both tables load independently (own batches, own flush timers): wait for each.
+        await _until(lambda: len({r["trace_id"] for r in doris_emulator.rows("dicom_object_meta")}) >= len(files)
+                     and len({r["sop_uid"] for r in doris_emulator.rows("dicom_image_meta")}) >= len(files),
                      180, lambda: (_state(doris_emulator), w2.log_tail(20)))
         await asyncio.sleep(2.0)  # give any (wrong) duplicate load the chance to show up
     finally:
@@ -112,6 +114,7 @@ async def test_each_fault_nothing_lost_nothing_duplicated(fresh_broker: Embedded
     try:
         _backfill(env, home / "storage" / "f", "t-fault")
         await _until(lambda: len(doris_emulator.rows("dicom_object_meta")) >= len(files)
+                     and len(doris_emulator.rows("dicom_image_meta")) >= len(files)
                      and len(doris_emulator.rows("dicom_state_meta")) == 2, 120,
                      lambda: (_state(doris_emulator), worker.log_tail(20)))
         await asyncio.sleep(1.0)
