@@ -7,7 +7,10 @@ later stage de-duplicates, so a replay never leaves a fan-out half done.
 
 The header parse (pure CPU, pydicom) runs in a pool of DICOMFLOW_INGEST_PROCESSES
 processes, so it overlaps with Faust's own work on the event loop; the outputs are
-still sent in offset order from here.
+still sent in offset order from here. With 0 processes (the default on 2 cores, where
+the pool's process hop costs more than it overlaps) the parse runs on the event loop,
+and after an unclean stop the replayed events are parsed in a pool of one process all
+the same: the file that killed the worker, if one did, is among them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import functools
 import logging
 import multiprocessing
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -47,6 +51,9 @@ BATCH_WITHIN_S = 0.05
 #: Events per parse task: small enough that sending the first chunk's outputs overlaps
 #: with parsing the next ones, large enough to amortise the process hop.
 CHUNK = 25
+#: After an unclean stop, this many events go through a pool even without one configured:
+#: more than the uncommitted events a crash can leave (Faust commits every 2.8 s).
+ISOLATE_AFTER_CRASH = 10_000
 
 Item = tuple[bytes, bytes | None, dict[str, Any]]
 
@@ -83,16 +90,36 @@ class IngestStage:
         self.parse = parse
         self.guard = GapGuard(app, STORAGE)
         self._pool: ProcessPoolExecutor | None = None
-        self.counters = {"parser_crashes": 0, "pools_replaced": 0}
+        #: Present while this worker runs: found at start, the last run did not stop cleanly.
+        self.running_marker = settings.home / "run" / f"ingest-{re.sub(r'[^A-Za-z0-9_.-]', '_', self.worker_id)}"
+        #: Events still to parse in a pool after an unclean stop (only without a configured pool).
+        self.isolate_left = 0
+        self.counters = {"parser_crashes": 0, "pools_replaced": 0, "isolated_after_crash": 0}
+
+    async def start(self) -> None:
+        """Note that this worker runs; after an unclean stop, isolate the replay's parse."""
+        self.running_marker.parent.mkdir(parents=True, exist_ok=True)
+        if self.running_marker.exists() and self.processes <= 0:
+            self.isolate_left = ISOLATE_AFTER_CRASH
+            log.warning("ingest: the last run of this worker did not stop cleanly; the next %s events are "
+                        "parsed in a separate process, so a file that crashes the parser is dead-lettered "
+                        "(PARSER_CRASHED) instead of crashing the worker again", self.isolate_left)
+        self.running_marker.touch()
+
+    def _pool_size(self) -> int:
+        return self.processes if self.processes > 0 else (1 if self.isolate_left > 0 else 0)
 
     def _get_pool(self) -> ProcessPoolExecutor | None:
-        if self.processes <= 0:
+        size = self._pool_size()
+        if size <= 0:
+            if self._pool is not None:  # the isolation after a crash is over
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
             return None
         if self._pool is None:
             # spawn, not fork: the worker already runs aiokafka threads, and forking a
             # threaded process can deadlock the child.
-            self._pool = ProcessPoolExecutor(max_workers=self.processes,
-                                             mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(max_workers=size, mp_context=multiprocessing.get_context("spawn"))
         return self._pool
 
     def _replace_pool(self) -> ProcessPoolExecutor | None:
@@ -106,6 +133,7 @@ class IngestStage:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+        self.running_marker.unlink(missing_ok=True)  # a clean stop
 
     def _submit(self, chunk: list[Item]) -> asyncio.Future[list[Outcome]]:
         pool = self._get_pool()
@@ -137,7 +165,10 @@ class IngestStage:
                 self._replace_pool()
                 for chunk in chunks[i:]:
                     yield [await self._isolated(item) for item in chunk]
-                return
+                break
+        if self.processes <= 0:  # counted once the batch is through (the pool is torn down at 0)
+            self.isolate_left = max(0, self.isolate_left - len(items))
+            self.counters["isolated_after_crash"] += len(items)
 
     async def _isolated(self, item: Item) -> Outcome:
         """One file in the pool alone: the outcome, or PARSER_CRASHED if it kills the pool again."""
@@ -213,5 +244,6 @@ def register(app: DicomflowApp, settings: Settings) -> None:
     stage.guard.watch_revocations(app)
     app.metrics.register_counters("ingest_gaps", stage.guard.stats)
     app.metrics.register_counters("ingest_pool", stage.counters)
+    app.start_with(stage.start)
     app.close_on_shutdown(stage.close)
     app.agent(app.queues.storage, name="ingest")(stage.consume)

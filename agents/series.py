@@ -4,6 +4,11 @@ See tables/series.py for the state and why Faust's own window close is not used.
 timer finds windows that have closed on partitions this worker actively owns and asks
 for their flush by sending ``{"flush": w, "off": off}`` through the same topic and
 key; the flush itself happens when that message is consumed, inside the stream.
+
+With an index (PostgreSQL or MySQL), the per-instance facts make the window disposable:
+it lives in memory (:class:`tables.series.HeldWindows`) and the events it holds stay
+unacked until it is flushed, so a crash replays them. Without one, the counts come from
+changelogged tables and markers in the broker (:class:`tables.series.SeriesTables`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from sinks.base import RetryAborted, retry_until_done
 from sinks.series_facts import FactsBase, open_facts
 from streams.broker import Record
 from streams.topology import SERIES_INSTANCES
-from tables.series import SeriesTables, marker_key, window_start
+from tables.series import HeldWindows, SeriesTables, marker_key, window_start
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -52,13 +57,16 @@ class SeriesStage:
         self.facts = facts
         #: How often the timer looks for closed windows; bounds the flush delay after a close.
         self.scan_interval_s = min(0.25, window_s / 2)
-        self.tables = SeriesTables(app, app.settings.partitions)
+        #: With facts, windows live in memory and hold their events unacked (no changelog).
+        self.held: HeldWindows | None = HeldWindows() if facts is not None else None
+        self.tables: SeriesTables | HeldWindows = (self.held if self.held is not None
+                                                   else SeriesTables(app, app.settings.partitions))
         self.guard = GapGuard(app, SERIES_INSTANCES)
         self._requested: dict[bytes, tuple[float, int]] = {}
         self._dirty: dict[bytes, tuple[float, int, int]] = {}
         self._seen_actives: frozenset[TP] = frozenset()
         self.counters = {"flushes": 0, "instances": 0, "redeliveries": 0, "replays_skipped": 0,
-                         "windows_unsettled": 0}
+                         "windows_unsettled": 0, "events_held": 0}
 
     async def _emit(self, key: bytes, agg: dict[str, Any]) -> None:
         row = dict(agg["state"])
@@ -92,11 +100,12 @@ class SeriesStage:
 
     async def _on_instance(self, offset: int, partition: int, timestamp: float | None, key: bytes,
                            msg: dict[str, Any]) -> None:
-        t = self.tables
-        agg: dict[str, Any] | None = t.get_window(key)
+        agg: dict[str, Any] | None = self.tables.get_window(key)
         if self.facts is not None:
             await self._on_instance_with_facts(offset, partition, timestamp, key, msg, agg)
             return
+        t = self.tables
+        assert isinstance(t, SeriesTables)  # the marker path: no index, counts from the broker
         mkey = marker_key(key, msg["sop_uid"])
         marker = t.get_marker(mkey)
         if agg is not None and offset <= agg["off"]:
@@ -147,6 +156,8 @@ class SeriesStage:
             agg["paths"] = {}
         if not agg["dirty"]:
             agg["w"] = w
+            # The window's first source offset: no event from here on is acked before it flushed.
+            agg["first"] = offset
         sops: list[str] = agg.setdefault("sops", [])
         if msg["sop_uid"] not in sops:
             sops.append(msg["sop_uid"])
@@ -207,10 +218,18 @@ class SeriesStage:
             except RetryAborted as exc:
                 log.warning("series event released unacked partition=%s offset=%s reason=%s", m.partition,
                             m.offset, exc)
-                self.guard.forget([TP(SERIES_INSTANCES, m.partition)])
+                # The partition restarts from its committed offset: what its windows hold is
+                # read again (the gap guard recovers it), so they go too; nothing of them was acked.
+                self._forget_partition(m.partition)
                 release(self.app, [event])
                 continue
-            await manual.ack(event)
+            if self.held is None:
+                await manual.ack(event)
+                continue
+            self.held.hold(m.partition, m.offset, event)
+            for done in self.held.releasable(m.partition):
+                await manual.ack(done)
+            self.counters["events_held"] = self.held.held_count()
 
     async def _handle_event(self, event: EventT, missing: list[Record]) -> None:
         for r in missing:  # same partition: table writes land on the right changelog partition
@@ -221,12 +240,41 @@ class SeriesStage:
 
     def _active_partitions(self) -> frozenset[int]:
         actives = self.app.assignor.assigned_actives()
-        changelog = self.tables.changelog_topic()
-        return frozenset(tp.partition for tp in actives if tp.topic in (SERIES_INSTANCES, changelog))
+        topics = {SERIES_INSTANCES}
+        if isinstance(self.tables, SeriesTables):
+            topics.add(self.tables.changelog_topic())
+        return frozenset(tp.partition for tp in actives if tp.topic in topics)
+
+    def _forget_partition(self, partition: int) -> None:
+        # Its next events start from the committed offset again (read back by the guard), or
+        # dropped ones would leave a hole in the acks.
+        self.guard.forget([(SERIES_INSTANCES, partition)])
+        if self.held is None:
+            return
+        release(self.app, self.held.forget_partition(partition))
+        for key in [k for k, (_, _, p) in self._dirty.items() if p == partition]:
+            self._dirty.pop(key, None)
+            self._requested.pop(key, None)
+
+    def _on_assignment(self, actives: frozenset[TP]) -> None:
+        """Windows of partitions that moved away are dropped: their new owner replays them."""
+        if self.held is None:
+            return
+        owned = {tp.partition for tp in actives if tp.topic == SERIES_INSTANCES}
+        for partition in self.held.partitions() - owned:
+            log.info("series partition moved partition=%s: its open windows are replayed by its new owner",
+                     partition)
+            self._forget_partition(partition)
 
     async def request_flushes(self) -> None:
+        if self.held is not None and getattr(self.app, "rebalancing", False):
+            # Faust's revocation waits until every message it handed out is acked; the windows'
+            # events are acked only after their flush, which needs the stream (paused now).
+            # Let Faust go on: they stay held here, acked in order if the partition stays.
+            release(self.app, self.held.held_events())
         actives = frozenset(self.app.assignor.assigned_actives())
         if actives != self._seen_actives:
+            self._on_assignment(actives)
             # Assignment changed (start, restart, rebalance): windows restored from the
             # changelog are unknown to this process until we look at the table itself.
             self._seen_actives = actives

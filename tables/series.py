@@ -20,12 +20,13 @@ whose marker holds another offset was counted already (a redelivery).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
-__all__ = ["SeriesTables", "window_start", "marker_key"]
+__all__ = ["SeriesTables", "HeldWindows", "window_start", "marker_key"]
 
 
 class SeriesTables:
@@ -75,3 +76,88 @@ def window_start(timestamp: float, size: float) -> float:
 
 def marker_key(series: bytes, sop_uid: str) -> bytes:
     return series + b"|" + sop_uid.encode()
+
+
+class HeldWindows:
+    """Series windows kept in this process only, with the source events they hold unacked.
+
+    Used when the per-instance facts live in the index (PostgreSQL or MySQL): a flushed
+    window needs nothing kept, and an open one is rebuilt after a crash by replaying its
+    events, because none of them is acked before the window that holds it was flushed.
+    That replaces the changelog, which rewrote the whole growing aggregate to the broker at
+    every instance (about one record and several KB per instance, kept by Tansu forever).
+
+    Acks are released in offset order, per partition, below the first offset of the oldest
+    open window of that partition: Faust commits the highest *contiguous* acked offset, and
+    faust 0.15.3 commits past a single unacked offset at the front of the acked ones
+    (faust-streaming#606), so an out-of-order ack could lose an instance.
+    """
+
+    def __init__(self) -> None:
+        self._windows: dict[bytes, dict[str, Any]] = {}
+        #: partition -> [(offset, event)] in offset order, not acked yet.
+        self._held: dict[int, list[tuple[int, Any]]] = {}
+
+    # -- the window store (same surface as SeriesTables) ---------------------------------
+
+    def get_window(self, key: bytes) -> dict[str, Any] | None:
+        return self._windows.get(key)
+
+    def set_window(self, key: bytes, agg: dict[str, Any]) -> None:
+        self._windows[key] = agg
+
+    def delete_window(self, key: bytes) -> None:
+        self._windows.pop(key, None)
+
+    def iter_windows(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        yield from list(self._windows.items())
+
+    # -- held events -------------------------------------------------------------------
+
+    def hold(self, partition: int, offset: int, event: Any) -> None:
+        held = self._held.setdefault(partition, [])
+        if held and offset < held[-1][0]:
+            # Delivered again below what is held (a re-seek): keep the list in offset order.
+            bisect.insort(held, (offset, event), key=lambda pair: pair[0])
+        else:
+            held.append((offset, event))
+
+    def floor(self, partition: int) -> int | None:
+        """The first source offset of the oldest open window on ``partition`` (None: none open)."""
+        firsts = [agg["first"] for agg in self._windows.values()
+                  if agg.get("dirty") and agg.get("p") == partition and "first" in agg]
+        return min(firsts) if firsts else None
+
+    def releasable(self, partition: int) -> list[Any]:
+        """Pop the held events no open window needs any more, in offset order."""
+        held = self._held.get(partition)
+        if not held:
+            return []
+        floor = self.floor(partition)
+        n = len(held) if floor is None else bisect.bisect_left(held, floor, key=lambda pair: pair[0])
+        if n == 0:
+            return []
+        out = [event for _, event in held[:n]]
+        del held[:n]
+        return out
+
+    def held_events(self) -> list[Any]:
+        return [event for held in self._held.values() for _, event in held]
+
+    def held_count(self) -> int:
+        return sum(len(held) for held in self._held.values())
+
+    def partitions(self) -> set[int]:
+        """Partitions with an open window or a held event."""
+        return {agg["p"] for agg in self._windows.values()} | set(self._held)
+
+    def forget_partition(self, partition: int) -> list[Any]:
+        """Drop a partition's windows and held events; return the events (unacked).
+
+        For a partition that moved to another worker, or whose processing was given up:
+        its next owner (maybe this worker again) reads it again from the committed offset,
+        which none of these events is past."""
+        for key, agg in list(self._windows.items()):
+            if agg.get("p") == partition:
+                del self._windows[key]
+        return [event for _, event in self._held.pop(partition, [])]

@@ -29,9 +29,9 @@ def _event(rel: str, trace: str) -> tuple[bytes, bytes | None, dict[str, Any]]:
     return raw, None, {"topic": "storage_queue", "partition": 0, "offset": 0}
 
 
-def _stage(home: Path, parse: Any = None) -> IngestStage:
-    settings = Settings.from_env({"DICOMFLOW_HOME": str(home), "DICOMFLOW_INGEST_PROCESSES": "1",
-                                  "DICOMFLOW_BROKER": "kafka://127.0.0.1:1"})
+def _stage(home: Path, parse: Any = None, processes: int = 1) -> IngestStage:
+    settings = Settings.from_env({"DICOMFLOW_HOME": str(home), "DICOMFLOW_INGEST_PROCESSES": str(processes),
+                                  "DICOMFLOW_BROKER": "kafka://127.0.0.1:1", "DICOMFLOW_WORKER_ID": "w/0"})
     app: Any = SimpleNamespace(bootstrap="127.0.0.1:1", settings=settings)
     return IngestStage(app, settings, **({"parse": parse} if parse else {}))
 
@@ -90,3 +90,31 @@ async def test_a_file_that_kills_the_parser_is_dead_lettered(home: Path, stored:
         assert [o.error for o in after] == [None, None]
     finally:
         await stage.close()
+
+
+async def test_without_a_pool_the_replay_after_an_unclean_stop_is_isolated(home: Path, stored: list[str]) -> None:
+    """No pool configured (the 2-core default): a worker that died parses its replay in a pool of one,
+    so the file that killed it is dead-lettered instead of killing it again."""
+    first = _stage(home, parse=parse_or_die, processes=0)
+    await first.start()
+    assert first.running_marker.exists() and first.isolate_left == 0
+    ok = await _run(first, [_event(stored[0], "a0")])
+    assert [o.error for o in ok] == [None] and first._pool is None  # parsed on the event loop
+    # ... the worker dies here (no close): its marker stays behind.
+    second = _stage(home, parse=parse_or_die, processes=0)
+    await second.start()
+    assert second.isolate_left > 0
+    bad = f"t1/{CRASH_MARK}.dcm"
+    try:
+        outcomes = await _run(second, [_event(stored[0], "b0"), _event(bad, "b1"), _event(stored[1], "b2")])
+        assert [o.error.code if o.error else None for o in outcomes] == [None, Code.PARSER_CRASHED, None]
+        assert second.counters["isolated_after_crash"] == 3
+    finally:
+        await second.close()
+    assert not second.running_marker.exists()  # a clean stop
+    third = _stage(home, parse=parse_or_die, processes=0)
+    await third.start()
+    try:
+        assert third.isolate_left == 0
+    finally:
+        await third.close()
