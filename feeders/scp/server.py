@@ -19,6 +19,7 @@ from pynetdicom import _config, evt
 from pynetdicom import dimse_messages as _dimse_messages
 
 from core.errors import ConfigError
+from feeders.scp import reactor
 from feeders.scp.association import (
     build_ae,
     handle_association_request,
@@ -62,6 +63,11 @@ def _store_or_refuse(event: Any, deps: StoreDeps) -> int:
         log.warning("store refused reason=%s calling_ae=%s called_ae=%s source_ip=%s tenant=%s detail=%s",
                     exc.reason, calling, called, ip, exc.tenant, exc)
         return NOT_AUTHORISED
+
+
+def _wake_reactors(event: Any) -> None:
+    """EVT_CONN_OPEN: this association's reactors wait for work instead of polling (feeders.scp.reactor)."""
+    reactor.attach(event.assoc)
 
 
 class StorageSCP:
@@ -119,6 +125,7 @@ class StorageSCP:
         )
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, on_connection_open),
+            (evt.EVT_CONN_OPEN, _wake_reactors),
             (evt.EVT_REQUESTED, handle_association_request, [config.tenancy]),
             (evt.EVT_C_STORE, _store_or_refuse, [deps]),
         ]
@@ -128,6 +135,7 @@ class StorageSCP:
         _config.STORE_RECV_CHUNKED_DATASET = config.spool_to_disk
         if config.spool_to_disk:
             self._spool_into(config.storage_root / SPOOL_DIR)
+        reactor.install()
         try:
             server = ae.start_server((config.host, config.port), block=False, evt_handlers=handlers,
                                      ssl_context=ssl_context)
@@ -183,6 +191,7 @@ class StorageSCP:
             tempfile.NamedTemporaryFile, dir=folder)
 
     def _restore_config(self) -> None:
+        reactor.uninstall()
         if self._saved_chunked is not None:
             _config.STORE_RECV_CHUNKED_DATASET = self._saved_chunked
             self._saved_chunked = None
