@@ -17,7 +17,8 @@ __all__ = ["register_all"]
 def register_all(app: DicomflowApp, settings: Settings) -> None:
     from agents import doris_sink, ingest, live_page, monitoring, postgres_sink, series
 
-    for stage in (ingest, series, postgres_sink, doris_sink, monitoring, live_page):
+    # series before ingest: with an index, ingest feeds the series windows in-process.
+    for stage in (series, ingest, postgres_sink, doris_sink, monitoring, live_page):
         stage.register(app, settings)
     from agents import series_json  # issue #16: series JSON documents (and their web views)
 

@@ -26,15 +26,17 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from faust.types import EventT, StreamT
 
 from agents.fanout import Outcome, Output, failure, process_many
 from agents.gaps import GapGuard
 from agents.lanes import LaneSender
+from agents.series_held import HeldSeriesStage, SeriesInstance, stage_of
 from agents.sink_support import run_batches, stopping
 from core.errors import Code, DicomflowError
 from sinks.base import retry_until_done
-from streams.topology import STORAGE
+from streams.topology import SERIES_INSTANCES, STORAGE
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -62,7 +64,8 @@ def _item(event: EventT) -> Item:
     msg = event.message
     raw = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
     key = event.key if isinstance(event.key, bytes) or event.key is None else str(event.key).encode()
-    return raw, key, {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
+    return raw, key, {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
+                      "timestamp": msg.timestamp}
 
 
 def _lane(out: Output) -> tuple[str, bytes | None]:
@@ -89,6 +92,11 @@ class IngestStage:
         self.processes = settings.ingest_processes
         self.parse = parse
         self.guard = GapGuard(app, STORAGE)
+        #: With a series index, the series rows go to the windows in this process, and the
+        #: events are acked once their windows were flushed (agents/series_held.py).
+        self.series: HeldSeriesStage | None = stage_of(app)
+        if self.series is not None:
+            self.series.forgetters.append(self.guard.forget)
         self._pool: ProcessPoolExecutor | None = None
         #: Present while this worker runs: found at start, the last run did not stop cleanly.
         self.running_marker = settings.home / "run" / f"ingest-{re.sub(r'[^A-Za-z0-9_.-]', '_', self.worker_id)}"
@@ -190,7 +198,8 @@ class IngestStage:
         await run_batches(self.app, stream, BATCH, BATCH_WITHIN_S, stage="ingest", prepare=self._items,
                           handle=self._handle,
                           on_abort=lambda events: self.guard.forget({(e.message.topic, e.message.partition)
-                                                                     for e in events}))
+                                                                     for e in events}),
+                          ack=self.series.hold if self.series is not None else None)
 
     async def _items(self, events: Sequence[EventT]) -> list[Item]:
         """The batch's items, with the records Faust skipped before them (once per batch)."""
@@ -199,7 +208,8 @@ class IngestStage:
             _, missing = await retry_until_done(functools.partial(self.guard.check, e.message.partition,
                                                                   e.message.offset),
                                                 what="ingest gap guard", should_stop=stopping(self.app))
-            items.extend((r.value, r.key, {"topic": r.topic, "partition": r.partition, "offset": r.offset})
+            items.extend((r.value, r.key, {"topic": r.topic, "partition": r.partition, "offset": r.offset,
+                                           "timestamp": r.timestamp})
                          for r in missing)
             items.append(_item(e))
         return items
@@ -210,11 +220,20 @@ class IngestStage:
         failed = 0
         done = 0
         sender: LaneSender[Output] = LaneSender(self._send, _lane)
+        instances: list[SeriesInstance] = []
+        series = self.series
+        if series is not None:
+            await series.wait_room()
         try:
             async for chunk in self._outcomes(items):
                 for item, outcome in zip(items[done:done + len(chunk)], chunk, strict=True):
                     for out in outcome.outputs:
-                        sender.add(out)
+                        if series is not None and out.topic == SERIES_INSTANCES:
+                            src = item[2]
+                            instances.append((STORAGE, src["partition"], src["offset"], src.get("timestamp") or None,
+                                              out.key or b"", orjson.loads(out.value)))
+                        else:
+                            sender.add(out)
                     failed += self._account(item, outcome)
                 done += len(chunk)
             lanes = sender.lanes
@@ -222,6 +241,9 @@ class IngestStage:
         except BaseException:
             sender.cancel()  # no send outlives a batch that is not going to be acked
             raise
+        if series is not None:
+            # Only once the batch's other outputs are out: a retried batch adds nothing twice.
+            series.add(instances)
         log.info("ingest batch events=%s dead_lettered=%s lanes=%s elapsed_s=%.3f", len(items), failed, lanes,
                  loop.time() - started)
 

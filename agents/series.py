@@ -1,14 +1,14 @@
 """Series stage: per-instance DicomStateMeta -> one debounced DicomStateMeta per series per window.
 
+With a series index (PostgreSQL or MySQL) the stage is :mod:`agents.series_held`: windows
+in memory, fed by ingest in-process, counts from the per-instance facts. This module is
+the stage without an index, where the counts come from the broker: ingest sends each
+instance to ``dicomflow_series_instances``, and the window lives in changelogged tables.
+
 See tables/series.py for the state and why Faust's own window close is not used. A
 timer finds windows that have closed on partitions this worker actively owns and asks
 for their flush by sending ``{"flush": w, "off": off}`` through the same topic and
 key; the flush itself happens when that message is consumed, inside the stream.
-
-With an index (PostgreSQL or MySQL), the per-instance facts make the window disposable:
-it lives in memory (:class:`tables.series.HeldWindows`) and the events it holds stay
-unacked until it is flushed, so a crash replays them. Without one, the counts come from
-changelogged tables and markers in the broker (:class:`tables.series.SeriesTables`).
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ import orjson
 from faust import Stream
 from faust.types import TP, EventT, StreamT
 
+from agents import series_held
 from agents.gaps import GapGuard
 from agents.sink_support import release, stopping
 from schemas import codec
 from schemas.records import DicomStateMeta
 from sinks.base import RetryAborted, retry_until_done
-from sinks.series_facts import FactsBase, open_facts
+from sinks.series_facts import open_facts
 from streams.broker import Record
 from streams.topology import SERIES_INSTANCES
-from tables.series import HeldWindows, SeriesTables, marker_key, window_start
+from tables.series import SeriesTables, marker_key, window_start
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -49,36 +50,23 @@ class SeriesStage:
     """The window logic and the timer's non-durable bookkeeping (rebuilt from the table when
     the assignment changes)."""
 
-    def __init__(self, app: DicomflowApp, window_s: float, facts: FactsBase | None = None) -> None:
+    def __init__(self, app: DicomflowApp, window_s: float) -> None:
         self.app = app
         self.window_s = window_s
-        #: Per-instance facts in PostgreSQL: exact counts, and window state dropped once flushed.
-        #: Without them (no PostgreSQL configured) the counts come from markers in the broker.
-        self.facts = facts
         #: How often the timer looks for closed windows; bounds the flush delay after a close.
         self.scan_interval_s = min(0.25, window_s / 2)
-        #: With facts, windows live in memory and hold their events unacked (no changelog).
-        self.held: HeldWindows | None = HeldWindows() if facts is not None else None
-        self.tables: SeriesTables | HeldWindows = (self.held if self.held is not None
-                                                   else SeriesTables(app, app.settings.partitions))
+        self.tables = SeriesTables(app, app.settings.partitions)
         self.guard = GapGuard(app, SERIES_INSTANCES)
         self._requested: dict[bytes, tuple[float, int]] = {}
         self._dirty: dict[bytes, tuple[float, int, int]] = {}
         self._seen_actives: frozenset[TP] = frozenset()
         self.counters = {"flushes": 0, "instances": 0, "redeliveries": 0, "replays_skipped": 0,
-                         "windows_unsettled": 0, "events_held": 0}
+                         "windows_unsettled": 0}
 
     async def _emit(self, key: bytes, agg: dict[str, Any]) -> None:
         row = dict(agg["state"])
         row["series_related_instances"] = agg["n"]
         row["created_time"] = agg["created"]
-        if self.facts is not None:
-            fact = await self.facts.record_with_retry(
-                row["tenant_id"], row["study_uid"], row["series_uid"], agg.get("sops", []), agg["created"],
-                should_stop=stopping(self.app), paths=agg.get("paths"))
-            row["series_related_instances"], row["version"] = fact.count, fact.version
-            # The series' first created_time, kept with the facts: windows come and go.
-            row["created_time"] = codec.format_datetime(fact.created) if fact.created else agg["created"]
         # UTC, informational: states are ordered by their version, not by a wall clock.
         row["updated_time"] = codec.format_datetime(datetime.now(UTC).replace(tzinfo=None))
         record = codec.from_row(DicomStateMeta, row)
@@ -89,23 +77,14 @@ class SeriesStage:
 
     def _mark_clean(self, key: bytes, agg: dict[str, Any]) -> None:
         agg["dirty"] = False
-        if self.facts is not None:
-            # The facts hold the count now: nothing of this window needs to be kept. A replay
-            # of its events later only records instances PostgreSQL already has.
-            self.tables.delete_window(key)
-        else:
-            self.tables.set_window(key, agg)
+        self.tables.set_window(key, agg)
         self._dirty.pop(key, None)
         self._requested.pop(key, None)
 
     async def _on_instance(self, offset: int, partition: int, timestamp: float | None, key: bytes,
                            msg: dict[str, Any]) -> None:
-        agg: dict[str, Any] | None = self.tables.get_window(key)
-        if self.facts is not None:
-            await self._on_instance_with_facts(offset, partition, timestamp, key, msg, agg)
-            return
         t = self.tables
-        assert isinstance(t, SeriesTables)  # the marker path: no index, counts from the broker
+        agg: dict[str, Any] | None = t.get_window(key)
         mkey = marker_key(key, msg["sop_uid"])
         marker = t.get_marker(mkey)
         if agg is not None and offset <= agg["off"]:
@@ -137,46 +116,6 @@ class SeriesStage:
         t.set_window(key, agg)
         self._dirty[key] = (agg["w"], offset, partition)
         self.counters["instances" if new_instance else "redeliveries"] += 1
-
-    async def _on_instance_with_facts(self, offset: int, partition: int, timestamp: float | None, key: bytes,
-                                      msg: dict[str, Any], agg: dict[str, Any] | None) -> None:
-        """The window only collects this window's instances; PostgreSQL de-duplicates and counts."""
-        if agg is not None and offset <= agg["off"]:
-            self.counters["replays_skipped"] += 1
-            return
-        w = window_start(timestamp or time.time(), self.window_s)
-        if agg is None:
-            agg = {"w": w, "n": 0, "off": offset, "p": partition, "dirty": False, "state": msg["state"],
-                   "created": msg["state"].get("created_time"), "sops": []}
-        elif agg["dirty"] and w > agg["w"]:
-            # A newer window started while the previous one was still pending: close it here.
-            await self._emit(key, agg)
-            agg["dirty"] = False
-            agg["sops"] = []
-            agg["paths"] = {}
-        if not agg["dirty"]:
-            agg["w"] = w
-            # The window's first source offset: no event from here on is acked before it flushed.
-            agg["first"] = offset
-        sops: list[str] = agg.setdefault("sops", [])
-        if msg["sop_uid"] not in sops:
-            sops.append(msg["sop_uid"])
-        if msg.get("path"):
-            # Where the file is (storage-root relative), recorded with the facts for the series JSON.
-            agg.setdefault("paths", {})[msg["sop_uid"]] = msg["path"]
-        agg["off"] = offset
-        agg["p"] = partition
-        agg["state"] = msg["state"]
-        agg["dirty"] = True
-        if len(sops) >= MAX_WINDOW_INSTANCES:
-            # A big window is flushed early: the aggregate (rewritten to the changelog at every
-            # instance) stays small.
-            await self._emit(key, agg)
-            self._mark_clean(key, agg)
-            return
-        self.tables.set_window(key, agg)
-        self._dirty[key] = (agg["w"], offset, partition)
-        self.counters["instances"] += 1
 
     async def _on_flush(self, key: bytes, msg: dict[str, Any]) -> None:
         agg: dict[str, Any] | None = self.tables.get_window(key)
@@ -218,18 +157,10 @@ class SeriesStage:
             except RetryAborted as exc:
                 log.warning("series event released unacked partition=%s offset=%s reason=%s", m.partition,
                             m.offset, exc)
-                # The partition restarts from its committed offset: what its windows hold is
-                # read again (the gap guard recovers it), so they go too; nothing of them was acked.
-                self._forget_partition(m.partition)
+                self.guard.forget([TP(SERIES_INSTANCES, m.partition)])
                 release(self.app, [event])
                 continue
-            if self.held is None:
-                await manual.ack(event)
-                continue
-            self.held.hold(m.partition, m.offset, event)
-            for done in self.held.releasable(m.partition):
-                await manual.ack(done)
-            self.counters["events_held"] = self.held.held_count()
+            await manual.ack(event)
 
     async def _handle_event(self, event: EventT, missing: list[Record]) -> None:
         for r in missing:  # same partition: table writes land on the right changelog partition
@@ -240,41 +171,12 @@ class SeriesStage:
 
     def _active_partitions(self) -> frozenset[int]:
         actives = self.app.assignor.assigned_actives()
-        topics = {SERIES_INSTANCES}
-        if isinstance(self.tables, SeriesTables):
-            topics.add(self.tables.changelog_topic())
-        return frozenset(tp.partition for tp in actives if tp.topic in topics)
-
-    def _forget_partition(self, partition: int) -> None:
-        # Its next events start from the committed offset again (read back by the guard), or
-        # dropped ones would leave a hole in the acks.
-        self.guard.forget([(SERIES_INSTANCES, partition)])
-        if self.held is None:
-            return
-        release(self.app, self.held.forget_partition(partition))
-        for key in [k for k, (_, _, p) in self._dirty.items() if p == partition]:
-            self._dirty.pop(key, None)
-            self._requested.pop(key, None)
-
-    def _on_assignment(self, actives: frozenset[TP]) -> None:
-        """Windows of partitions that moved away are dropped: their new owner replays them."""
-        if self.held is None:
-            return
-        owned = {tp.partition for tp in actives if tp.topic == SERIES_INSTANCES}
-        for partition in self.held.partitions() - owned:
-            log.info("series partition moved partition=%s: its open windows are replayed by its new owner",
-                     partition)
-            self._forget_partition(partition)
+        changelog = self.tables.changelog_topic()
+        return frozenset(tp.partition for tp in actives if tp.topic in (SERIES_INSTANCES, changelog))
 
     async def request_flushes(self) -> None:
-        if self.held is not None and getattr(self.app, "rebalancing", False):
-            # Faust's revocation waits until every message it handed out is acked; the windows'
-            # events are acked only after their flush, which needs the stream (paused now).
-            # Let Faust go on: they stay held here, acked in order if the partition stays.
-            release(self.app, self.held.held_events())
         actives = frozenset(self.app.assignor.assigned_actives())
         if actives != self._seen_actives:
-            self._on_assignment(actives)
             # Assignment changed (start, restart, rebalance): windows restored from the
             # changelog are unknown to this process until we look at the table itself.
             self._seen_actives = actives
@@ -298,12 +200,11 @@ class SeriesStage:
 
 
 def register(app: DicomflowApp, settings: Settings) -> None:
-    # The facts live with the series index (PostgreSQL or MySQL, sinks/series_facts.py).
-    facts = open_facts(settings.index_dsn) if settings.index_dsn is not None else None
-    stage = SeriesStage(app, settings.series_window_seconds, facts)
-    if facts is not None:
-        app.close_on_shutdown(facts.stop)
-        app.metrics.register_counters("series_facts", facts.counters)
+    if settings.index_dsn is not None:
+        # The facts live with the series index (PostgreSQL or MySQL, sinks/series_facts.py).
+        series_held.register(app, open_facts(settings.index_dsn))
+        return
+    stage = SeriesStage(app, settings.series_window_seconds)
     stage.guard.watch_revocations(app)
     app.metrics.register_counters("series_window", stage.counters)
     app.metrics.register_counters("series_gaps", stage.guard.stats)

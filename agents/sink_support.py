@@ -75,8 +75,13 @@ def release(app: DicomflowApp, events: Iterable[EventT]) -> None:
 async def run_batches(app: DicomflowApp, stream: StreamT[Any], size: int, within: float, *, stage: str,
                       prepare: Callable[[Sequence[EventT]], Awaitable[P]],
                       handle: Callable[[P], Awaitable[None]],
-                      on_abort: Callable[[Sequence[EventT]], None] = lambda events: None) -> None:
+                      on_abort: Callable[[Sequence[EventT]], None] = lambda events: None,
+                      ack: Callable[[Sequence[EventT], Callable[[EventT], Awaitable[Any]]], Awaitable[None]]
+                      | None = None) -> None:
     """Consume ``stream`` in batches; ack a batch only once ``handle`` returned for it.
+
+    ``ack`` takes over the acks of a handled batch (given the stream's ack), e.g. to hold
+    them until a later stage is done with the events.
 
     ``prepare`` runs once per batch (e.g. the gap guard, decoding); it raises nothing but
     :class:`RetryAborted`. ``handle`` is retried with backoff on any exception (counter
@@ -103,6 +108,9 @@ async def run_batches(app: DicomflowApp, stream: StreamT[Any], size: int, within
                         stage, len(events), exc)
             on_abort(events)
             release(app, events)
+            continue
+        if ack is not None:
+            await ack(events, s.ack)
             continue
         for event in events:
             await s.ack(event)

@@ -337,7 +337,7 @@ class Settings:
     broker_recycle_mb: int = 512
     #: The relay publishes no further while ingest lags this many storage events (DICOMFLOW_RELAY_MAX_AHEAD):
     #: a backlog then waits in the journal on disk, not in the broker's memory.
-    relay_max_ahead: int = 1000
+    relay_max_ahead: int = 5000
     #: How long the Doris transfer log's loaded keys are kept (DICOMFLOW_DORIS_LOADED_RETENTION_HOURS):
     #: at least the topics' retention (Kafka's default is 7 days), within which a replay can happen.
     doris_loaded_retention_hours: float = 168.0
@@ -473,7 +473,7 @@ class Settings:
             journal=_flag(env, "DICOMFLOW_JOURNAL", default=False),
             relay_drain_seconds=_float(env, "DICOMFLOW_RELAY_DRAIN_SECONDS", 45.0, minimum=0.0),
             broker_recycle_mb=_int(env, "DICOMFLOW_BROKER_RECYCLE_MB", 512, minimum=0),
-            relay_max_ahead=_int(env, "DICOMFLOW_RELAY_MAX_AHEAD", 1000, minimum=0),
+            relay_max_ahead=_int(env, "DICOMFLOW_RELAY_MAX_AHEAD", 5000, minimum=0),
             doris_loaded_retention_hours=_float(env, "DICOMFLOW_DORIS_LOADED_RETENTION_HOURS", 168.0, minimum=0.0),
             tansu_log=env.get("TANSU_LOG") or "warn",
             index_url=Secret(index_url) if index_url else None,

@@ -191,6 +191,8 @@ class Relay:
         self.published: dict[str, int] = {}
         self.counters = {"published": 0, "checkpoints": 0, "files_deleted": 0}
         self._quiet_since: float | None = None
+        #: What was published at the last drained point (None: not drained since start).
+        self._drained_at: dict[str, int] | None = None
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -251,6 +253,14 @@ class Relay:
         ends while the SCP keeps accepting (and journaling) instances.
         """
         sent = 0 if frozen else await self.publish_new()
+        if (not frozen and not sent and self._drained_at is not None and self._drained_at == self.published
+                and self._all_published()):
+            # Nothing published since the last drained point: still drained. No lag probe, no
+            # scrape of the workers: an idle stack costs the relay, the broker and the workers
+            # nothing every round (issue #15). Only closed files it has passed are deleted.
+            self._prune()
+            self._drained_at = dict(self.published)
+            return True
         lag = await self.lag.total_lag()
         if sent or lag or (not frozen and not self._all_published()):
             self._quiet_since = None
@@ -272,6 +282,8 @@ class Relay:
         self._prune()
         if self.on_checkpoint is not None and not frozen:
             await self.on_checkpoint(self.pending_since())
+        if not frozen:
+            self._drained_at = dict(self.published)
         return True
 
     def pending_since(self) -> float:

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["SeriesTables", "HeldWindows", "window_start", "marker_key"]
+__all__ = ["SeriesTables", "HeldWindows", "TopicPartition", "window_start", "marker_key"]
 
 
 class SeriesTables:
@@ -78,6 +78,10 @@ def marker_key(series: bytes, sop_uid: str) -> bytes:
     return series + b"|" + sop_uid.encode()
 
 
+#: A source partition: (topic, partition).
+TopicPartition = tuple[str, int]
+
+
 class HeldWindows:
     """Series windows kept in this process only, with the source events they hold unacked.
 
@@ -87,18 +91,23 @@ class HeldWindows:
     That replaces the changelog, which rewrote the whole growing aggregate to the broker at
     every instance (about one record and several KB per instance, kept by Tansu forever).
 
-    Acks are released in offset order, per partition, below the first offset of the oldest
-    open window of that partition: Faust commits the highest *contiguous* acked offset, and
-    faust 0.15.3 commits past a single unacked offset at the front of the acked ones
-    (faust-streaming#606), so an out-of-order ack could lose an instance.
+    A window records the first source offset it holds per source partition (``firsts``:
+    a series normally comes from one partition, but an unkeyed event may bring it from
+    another). Acks are released in offset order, per source partition, below the oldest
+    first offset of any window still open or being flushed there: Faust commits the
+    highest *contiguous* acked offset, and faust 0.15.3 commits past a single unacked
+    offset at the front of the acked ones (faust-streaming#606), so an out-of-order ack
+    could lose an instance.
     """
 
     def __init__(self) -> None:
         self._windows: dict[bytes, dict[str, Any]] = {}
-        #: partition -> [(offset, event)] in offset order, not acked yet.
-        self._held: dict[int, list[tuple[int, Any]]] = {}
+        #: Windows taken out of the store while their state row is written.
+        self._flushing: list[dict[str, Any]] = []
+        #: (topic, partition) -> [(offset, event)] in offset order, not acked yet.
+        self._held: dict[TopicPartition, list[tuple[int, Any]]] = {}
 
-    # -- the window store (same surface as SeriesTables) ---------------------------------
+    # -- the window store ----------------------------------------------------------------
 
     def get_window(self, key: bytes) -> dict[str, Any] | None:
         return self._windows.get(key)
@@ -112,28 +121,42 @@ class HeldWindows:
     def iter_windows(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
         yield from list(self._windows.items())
 
+    def open_count(self) -> int:
+        return len(self._windows) + len(self._flushing)
+
+    def take_for_flush(self, key: bytes) -> dict[str, Any] | None:
+        """Take a window out of the store for its flush; it keeps holding its events until
+        :meth:`flushed`. A new instance of the series meanwhile starts a new window."""
+        agg = self._windows.pop(key, None)
+        if agg is not None:
+            self._flushing.append(agg)
+        return agg
+
+    def flushed(self, agg: dict[str, Any]) -> None:
+        self._flushing = [a for a in self._flushing if a is not agg]
+
     # -- held events -------------------------------------------------------------------
 
-    def hold(self, partition: int, offset: int, event: Any) -> None:
-        held = self._held.setdefault(partition, [])
+    def hold(self, tp: TopicPartition, offset: int, event: Any) -> None:
+        held = self._held.setdefault(tp, [])
         if held and offset < held[-1][0]:
             # Delivered again below what is held (a re-seek): keep the list in offset order.
             bisect.insort(held, (offset, event), key=lambda pair: pair[0])
         else:
             held.append((offset, event))
 
-    def floor(self, partition: int) -> int | None:
-        """The first source offset of the oldest open window on ``partition`` (None: none open)."""
-        firsts = [agg["first"] for agg in self._windows.values()
-                  if agg.get("dirty") and agg.get("p") == partition and "first" in agg]
+    def floor(self, tp: TopicPartition) -> int | None:
+        """The oldest first offset on ``tp`` of a window open or being flushed (None: none)."""
+        firsts = [first for agg in (*self._windows.values(), *self._flushing)
+                  if (first := agg.get("firsts", {}).get(tp)) is not None]
         return min(firsts) if firsts else None
 
-    def releasable(self, partition: int) -> list[Any]:
-        """Pop the held events no open window needs any more, in offset order."""
-        held = self._held.get(partition)
+    def releasable(self, tp: TopicPartition) -> list[Any]:
+        """Pop the held events of ``tp`` no window needs any more, in offset order."""
+        held = self._held.get(tp)
         if not held:
             return []
-        floor = self.floor(partition)
+        floor = self.floor(tp)
         n = len(held) if floor is None else bisect.bisect_left(held, floor, key=lambda pair: pair[0])
         if n == 0:
             return []
@@ -141,23 +164,28 @@ class HeldWindows:
         del held[:n]
         return out
 
+    def held_partitions(self) -> list[TopicPartition]:
+        return [tp for tp, held in self._held.items() if held]
+
     def held_events(self) -> list[Any]:
         return [event for held in self._held.values() for _, event in held]
 
     def held_count(self) -> int:
         return sum(len(held) for held in self._held.values())
 
-    def partitions(self) -> set[int]:
-        """Partitions with an open window or a held event."""
-        return {agg["p"] for agg in self._windows.values()} | set(self._held)
+    def partitions(self) -> set[TopicPartition]:
+        """Source partitions with a window open or being flushed, or a held event."""
+        tps = {tp for agg in (*self._windows.values(), *self._flushing) for tp in agg.get("firsts", {})}
+        return tps | {tp for tp, held in self._held.items() if held}
 
-    def forget_partition(self, partition: int) -> list[Any]:
-        """Drop a partition's windows and held events; return the events (unacked).
+    def clear(self) -> list[Any]:
+        """Drop every window and held event; return the events (unacked).
 
-        For a partition that moved to another worker, or whose processing was given up:
-        its next owner (maybe this worker again) reads it again from the committed offset,
-        which none of these events is past."""
-        for key, agg in list(self._windows.items()):
-            if agg.get("p") == partition:
-                del self._windows[key]
-        return [event for _, event in self._held.pop(partition, [])]
+        After an assignment change: a window may hold events of several partitions, so
+        everything not flushed is read again from the committed offsets (nothing of it
+        was acked), by this worker or by the partition's new owner."""
+        events = self.held_events()
+        self._windows.clear()
+        self._flushing.clear()
+        self._held.clear()
+        return events

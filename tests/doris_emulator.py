@@ -487,7 +487,13 @@ class DorisEmulator:
         txn = ctx.txn
         assert txn is not None
         fault = ctx.fault
-        body = await request.read()
+        try:
+            body = await request.read()
+        except BaseException:
+            # The client went away mid-body (killed, reset): Doris cancels the load and aborts its
+            # transaction, so the label can be used again. Left RUNNING, it would never finish.
+            txn.state = "ABORTED"
+            raise
         spec = self.databases[ctx.db][ctx.table]
         h = request.headers
         try:

@@ -358,3 +358,25 @@ async def test_fault_http500_and_resets(doris_emulator: DorisEmulator, http: aio
     assert reply["Status"] == "Label Already Exists" and reply["ExistingJobStatus"] == "FINISHED"
     assert len(doris_emulator.rows(TABLE)) == 1
     assert [x.fault for x in doris_emulator.loads] == ["http500", "reset", "reset", "reset_after_commit", None]
+
+
+async def test_a_client_gone_mid_body_aborts_its_load_and_frees_the_label(raw: Raw, doris_emulator: DorisEmulator,
+                                                                        http: aiohttp.ClientSession) -> None:
+    """A worker killed while its Stream Load body is on the wire: Doris cancels that load, so the
+    retry with the same label (its successor's) is not refused for ever as RUNNING."""
+    body = json.dumps([obj_row(7)]).encode()
+    headers = raw.headers("cut-1")
+    async with http.put(f"{doris_emulator.fe_url}/api/dicomflow/{TABLE}/_stream_load", data=body, headers=headers,
+                        allow_redirects=False) as fe:
+        location = URL(fe.headers["Location"])
+    reader, writer = await asyncio.open_connection(location.host, location.port)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items() if k != "Expect")
+    writer.write(f"PUT {location.raw_path_qs} HTTP/1.1\r\nHost: {location.host}:{location.port}\r\n{head}"
+                 f"Content-Length: {len(body) + 1000}\r\n\r\n".encode() + body[:10])
+    await writer.drain()
+    await doris_emulator.wait_until(lambda: doris_emulator.label_state("cut-1") == "RUNNING")
+    writer.close()  # the client dies before the rest of the body
+    await doris_emulator.wait_until(lambda: doris_emulator.label_state("cut-1") == "ABORTED")
+    _, retry = await raw.load([obj_row(7)], "cut-1")
+    assert retry["Status"] == "Success"
+    assert len(doris_emulator.rows(TABLE)) == 1

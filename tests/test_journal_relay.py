@@ -278,3 +278,42 @@ async def test_pending_since_is_the_start_of_the_oldest_file_not_checkpointed(tm
     assert await relay.step(0.0) or await relay.step(0.1)  # drained: all checkpointed
     assert relay.pending_since() > time.time() - 5  # nothing pending: now
     await newer.stop()
+
+
+async def test_a_drained_relay_with_nothing_new_asks_nobody_until_a_line_arrives(tmp_path: Path) -> None:
+    """Idle, the relay probed the lag and scraped every worker twice a second (issue #15)."""
+    class Counting(Broker):
+        probes = 0
+
+        async def total_lag(self) -> int:
+            self.probes += 1
+            return self.lag
+
+    class Workers:
+        asked = 0
+
+        async def settled(self) -> bool:
+            self.asked += 1
+            return True
+
+    journal = JournalPublisher(tmp_path, "scp")
+    await journal.start()
+    await journal.publish({"trace_id": "t0"}, None)
+    broker, workers = Counting(), Workers()
+    relay = Relay(tmp_path, broker, broker, settle_s=1.0, workers=workers)
+    relay.start()
+    assert not await relay.step(0.0)
+    assert not await relay.step(1.0)  # quiet from here
+    assert await relay.step(2.5)  # drained: checkpointed
+    probes, asked = broker.probes, workers.asked
+    for t in (3.0, 4.0, 5.0):
+        assert await relay.step(t)  # still drained, and nobody asked
+    assert (broker.probes, workers.asked) == (probes, asked)
+    await journal.publish({"trace_id": "t1"}, None)
+    broker.lag = 1
+    assert not await relay.step(6.0)  # a new line: published, and the lag is watched again
+    assert broker.probes == probes + 1 and [e["trace_id"] for _, e in broker.sent] == ["t0", "t1"]
+    broker.lag = 0
+    assert not await relay.step(6.5)  # quiet from here
+    assert await relay.step(8.0) and workers.asked == asked + 1
+    await journal.stop()

@@ -24,7 +24,7 @@ import pytest
 from dicomflow.embedded.broker import EmbeddedBroker
 from dicomflow.embedded.postgres import EmbeddedPostgres
 from sinks.postgres import get_json_metaes, row_writes
-from streams.topology import SERIES_INSTANCES
+from streams.topology import SERIES_INSTANCES, STORAGE
 from tests.fixtures_mysql import MariaDB, state_rows
 from tests.harness import REPO, WorkerProcess, clone_series, fresh_web_port, read_all, worker_env
 
@@ -80,11 +80,11 @@ def _expected(files: list[Path]) -> dict[str, int]:
 
 
 async def _windows_spanned(broker: EmbeddedBroker) -> int:
-    """Distinct (series, window) pairs among the instances, from their broker timestamps."""
+    """Distinct (series, window) pairs among the instances, from their storage events' broker
+    timestamps (with an index, ingest hands the instances to the windows in-process)."""
     spans: set[tuple[bytes | None, float]] = set()
-    for m in await read_all(broker.url, SERIES_INSTANCES):
-        if "flush" not in m.json():
-            spans.add((m.key, (m.timestamp_ms / 1000.0) // WINDOW_S))
+    for m in await read_all(broker.url, STORAGE):
+        spans.add((m.key, (m.timestamp_ms / 1000.0) // WINDOW_S))
     return len(spans)
 
 
@@ -122,6 +122,8 @@ async def test_burst_one_row_per_series_and_bounded_writes(fresh_broker: Embedde
         # changelog record per instance.
         topics = await _topics(fresh_broker)
         assert not [t for t in topics if "changelog" in t], topics
+        # ... and ingest hands the instances to the windows in-process: the internal topic stays empty.
+        assert not await read_all(fresh_broker.url, SERIES_INSTANCES)
 
         worker = WorkerProcess(fresh_web_port(env),
                                home / "worker2.log").start()
