@@ -22,8 +22,8 @@ other pynetdicom users in the same process (an SCU) keep the original behaviour.
 from __future__ import annotations
 
 import contextlib
-import os
 import select
+import socket
 import ssl
 import threading
 import time as _time
@@ -49,9 +49,11 @@ class _Waker:
     def __init__(self, assoc: Any) -> None:
         self.assoc = assoc
         self.dul = assoc.dul
-        self.read_fd, self.write_fd = os.pipe()
-        os.set_blocking(self.read_fd, False)
-        os.set_blocking(self.write_fd, False)
+        # Socket objects, never closed by hand: they close when the waker is garbage, so no
+        # thread can still hold a descriptor number that the process has given to a new file.
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
         self.assoc_ready = threading.Event()
         self._wrap(self.dul.to_provider_queue, self.wake_dul)
         self._wrap(self.dul.event_queue, self.wake_dul)
@@ -71,8 +73,8 @@ class _Waker:
     def wake_dul(self) -> None:
         if threading.current_thread() is self.dul:
             return  # the DUL queues its own events between two turns: it is awake
-        with contextlib.suppress(OSError):  # a full pipe is already a wake-up; a closed one, the end
-            os.write(self.write_fd, b"\0")
+        with contextlib.suppress(OSError):  # a full buffer is already a wake-up
+            self.wake_w.send(b"\0")
 
     def wait_dul(self) -> None:
         dul = self.dul
@@ -85,13 +87,12 @@ class _Waker:
         if isinstance(raw, ssl.SSLSocket) and raw.pending():
             return  # decrypted bytes waiting: the socket itself may not be readable
         try:
-            select.select([raw, self.read_fd], [], [], MAX_WAIT_S)
+            select.select([raw, self.wake_r], [], [], MAX_WAIT_S)
         except (OSError, ValueError):  # closed meanwhile: pynetdicom notices on its next turn
             _time.sleep(_POLL_S)
             return
-        with contextlib.suppress(OSError):
-            while os.read(self.read_fd, 4096):
-                pass
+        with contextlib.suppress(OSError):  # non-blocking: at most what is there
+            self.wake_r.recv(4096)
 
     def wait_assoc(self) -> None:
         self.assoc_ready.clear()
@@ -99,10 +100,6 @@ class _Waker:
             return
         self.assoc_ready.wait(MAX_WAIT_S)
 
-    def close(self) -> None:
-        for fd in (self.read_fd, self.write_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 class _SleepShim:
@@ -157,14 +154,4 @@ def attach(assoc: Any) -> None:
     """Wake this association's reactors instead of polling (call from EVT_CONN_OPEN)."""
     if getattr(assoc, _ATTR, None) is not None:
         return
-    waker = _Waker(assoc)
-    setattr(assoc, _ATTR, waker)
-    # The pipe goes with the association: closed once its DUL thread has ended.
-    threading.Thread(target=_close_after, args=(assoc, waker), daemon=True,
-                     name="dicomflow-waker-close").start()
-
-
-def _close_after(assoc: Any, waker: _Waker) -> None:
-    assoc.join()
-    waker.dul.join(timeout=5)
-    waker.close()
+    setattr(assoc, _ATTR, _Waker(assoc))
