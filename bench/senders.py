@@ -23,7 +23,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
-from dicomflow.tools.scu import send_paths
+from dicomflow.tools.scu import keep_responses_for_the_sender, send_paths
 
 __all__ = ["SendTiming", "PacedSend", "find_dcmtk_storescu", "send_files", "send_parallel", "send_paced"]
 
@@ -143,6 +143,7 @@ def send_paced(files: Sequence[Path], host: str, port: int, aet: str, *, rate: f
     assoc = ae.associate(host, port, ae_title=aet)
     if not assoc.is_established:
         raise RuntimeError(f"cannot associate with {aet}@{host}:{port}")
+    keep_responses_for_the_sender(assoc)
     sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -44,7 +44,7 @@ from dicomflow.embedded.postgres import EmbeddedPostgres
 from schemas.records import DicomStateMeta
 from sinks.base import SinkBatch, SinkItem
 from sinks.postgres import COLUMNS, PostgresSink, row_writes
-from streams.topology import SERIES_INSTANCES, STATE
+from streams.topology import SERIES_INSTANCES, STATE, STORAGE
 from tests.harness import read_all
 
 __all__ = ["SeriesResult", "run_series_pg", "main"]
@@ -116,8 +116,12 @@ async def _quiet(run: Run, quiet_s: float, timeout: float = 120.0) -> None:
 
 
 async def _windows_spanned(run: Run, window_s: float) -> int:
+    # With a series index, ingest hands instances to the windows in-process, timed by their
+    # storage events; without one, they travel on the internal topic.
     spans = {(m.key, (m.timestamp_ms / 1000.0) // window_s)
-             for m in await read_all(run.broker.url, SERIES_INSTANCES) if "flush" not in (m.json() or {})}
+             for topic in (STORAGE, SERIES_INSTANCES)
+             for m in await read_all(run.broker.url, topic) if "flush" not in (m.json() or {})
+             and (topic == SERIES_INSTANCES or m.key)}
     return len(spans)
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from core.net import no_delay
 
-__all__ = ["SendSummary", "iter_files", "send_paths"]
+__all__ = ["SendSummary", "iter_files", "send_paths", "keep_responses_for_the_sender"]
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +265,25 @@ def _refusal(assoc: Any, called_aet: str, calling_aet: str, host: str, port: int
                     "--tls-server-name.")
 
 
+def keep_responses_for_the_sender(assoc: Any) -> None:
+    """Close pynetdicom 3.0's requestor race: its association reactor may take a C-STORE response
+    off the DIMSE queue meant for ``send_c_store``, which then waits out its timeout and aborts.
+
+    ``send_c_store`` pauses the reactor by clearing an event and waiting for ``_is_paused``; the
+    reactor sets ``_is_paused`` just before waiting on that event, so it can pass the event,
+    still reported paused, and poll the queue while the response arrives. Measured: with 4
+    associations from one process, one was lost in a few thousand C-STOREs; sooner the faster
+    the SCP answers. A storage SCU serves no request of its own on the association, so the
+    reactor's non-blocking poll is simply given nothing; the sender's blocking read gets it all.
+    """
+    get_msg = assoc.dimse.get_msg
+
+    def sender_only(block: bool = False) -> Any:
+        return get_msg(block=True) if block else (None, None)
+
+    assoc.dimse.get_msg = sender_only
+
+
 def _send_batch(batch: list[_Item], contexts: list[tuple[str, str]], host: str, port: int,
                 called_aet: str, calling_aet: str, ssl_context: ssl.SSLContext | None,
                 server_hostname: str | None, timeout_s: float, summary: SendSummary,
@@ -277,6 +296,7 @@ def _send_batch(batch: list[_Item], contexts: list[tuple[str, str]], host: str, 
     tls_args = (ssl_context, server_hostname or host) if ssl_context is not None else None
     assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
     no_delay(assoc)
+    keep_responses_for_the_sender(assoc)
     if not assoc.is_established:
         refusal = _refusal(assoc, called_aet, calling_aet, host, port)
         for item in batch:
