@@ -126,8 +126,17 @@ class JournalPublisher:
     async def _append(self, line: bytes) -> None:
         import asyncio
 
+        await asyncio.to_thread(self._append_blocking, line)
+
+    def publish_blocking(self, event: dict[str, Any], key: str | None) -> None:
+        """:meth:`publish` for a caller on a thread of its own (the SCP's handler threads): no
+        event loop between the handler and the file (issue #15: the loop hop and its thread
+        switches cost the SCP about 0.3 ms of CPU per instance)."""
+        self._append_blocking(codec.dumps({"key": key, "event": event}))
+
+    def _append_blocking(self, line: bytes) -> None:
         try:
-            await asyncio.to_thread(self.writer.append, line)
+            self.writer.append(line)
         except OSError as exc:
             raise BrokerError(f"cannot write the journal {self.writer.path}: {exc}") from exc
 

@@ -1010,3 +1010,29 @@ async def test_the_scu_keeps_c_store_responses_for_its_sender(
             assert status.Status == 0x0000
     finally:
         await asyncio.to_thread(assoc.release)
+
+
+def test_the_scp_journals_from_its_handler_threads_without_the_event_loop(tmp_path: Path) -> None:
+    """On the embedded stack the journal line is appended with no event loop in between (issue #15):
+    here the publisher's loop never runs, and every C-STORE still gets Success after its line."""
+    from feeders.journal import JournalPublisher, journal_files, read_lines
+
+    study = make_study(tmp_path / "in", n_series=1, n_instances=3)
+    journal = JournalPublisher(tmp_path / "journal", "scp")
+    journal.writer.open()
+    config = ScpConfig(storage_root=tmp_path / "storage", tenancy=TenantResolver(by_calling_ae={"MODALITY": "t1"}),
+                       ae_title=SCP_AET, host="127.0.0.1", port=0, worker_node_id="test-worker",
+                       publish_timeout_s=2.0)
+    loop = asyncio.new_event_loop()  # never run: a publish through it could only time out
+    scp = StorageSCP(config, journal)
+    scp.start(loop=loop)
+    try:
+        host, port = scp.address
+        summary = send_paths([study.folder], host, port, SCP_AET, "MODALITY")
+    finally:
+        scp.stop(grace_s=2.0)
+        loop.close()
+        journal.writer.close()
+    assert summary.succeeded == 3 and summary.failed == 0, summary.failures
+    lines = [line for path in journal_files(tmp_path / "journal") for line in read_lines(path, 0)]
+    assert sorted(line.event["sop_uid"] for line in lines) == sorted(study.sop_uids)

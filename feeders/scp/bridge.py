@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -28,6 +29,22 @@ class LoopBridge:
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
         self.loop = loop
         self.timeout_s = timeout_s
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def _direct(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                # One thread: appends are serialised by the journal's lock anyway.
+                self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
+            return self._pool
+
+    def close(self) -> None:
+        """Let appends in flight finish, then drop the journal thread."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def publish(self, publisher: Publisher, event: dict[str, Any], key: str | None,
                 meanwhile: Callable[[], None] | None = None) -> None:
@@ -43,12 +60,19 @@ class LoopBridge:
         if running is self.loop:
             # Blocking the loop on a future that needs the loop can only time out.
             raise RuntimeError("LoopBridge.publish called on its own event loop thread")
-        coro = publisher.publish(event, key)
-        try:
-            fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        except RuntimeError as exc:  # the loop is closed
-            coro.close()
-            raise BrokerError(f"publisher event loop unavailable: {exc}") from exc
+        blocking = getattr(publisher, "publish_blocking", None)
+        fut: concurrent.futures.Future[Any]
+        if blocking is not None:
+            # The journal: appended on a thread of its own, no event loop in between, while
+            # this thread syncs the directory (two fsyncs overlapped, as with the broker).
+            fut = self._direct().submit(blocking, event, key)
+        else:
+            coro = publisher.publish(event, key)
+            try:
+                fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            except RuntimeError as exc:  # the loop is closed
+                coro.close()
+                raise BrokerError(f"publisher event loop unavailable: {exc}") from exc
         side_error: BaseException | None = None
         if meanwhile is not None:
             try:

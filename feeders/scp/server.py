@@ -90,6 +90,7 @@ class StorageSCP:
         self._server: ThreadedAssociationServer | None = None
         self._saved_chunked: bool | None = None
         self._saved_spool: Any = None
+        self._bridge: LoopBridge | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -114,13 +115,14 @@ class StorageSCP:
                 raise RuntimeError("StorageSCP.start() needs loop= when called outside a coroutine") \
                     from None
         config = self.config
+        self._bridge = LoopBridge(loop, config.publish_timeout_s)
         ssl_context = (server_ssl_context(config.tls_cert, config.tls_key, config.tls_ca)
                        if config.tls_cert and config.tls_key else None)
         deps = StoreDeps(
             store=InstanceStore(config.storage_root),
             tenancy=config.tenancy,
             publisher=self.publisher,
-            bridge=LoopBridge(loop, config.publish_timeout_s),
+            bridge=self._bridge,
             worker_node_id=config.worker_node_id,
         )
         handlers: list[Any] = [
@@ -166,6 +168,9 @@ class StorageSCP:
                 assoc.abort()
         finally:
             self._restore_config()
+            bridge, self._bridge = self._bridge, None
+            if bridge is not None:
+                bridge.close()
         log.info("scp stopped")
 
     async def aclose(self, grace_s: float = 10.0) -> None:
