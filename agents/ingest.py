@@ -230,8 +230,8 @@ class IngestStage:
                     for out in outcome.outputs:
                         if series is not None and out.topic == SERIES_INSTANCES:
                             src = item[2]
-                            instances.append((STORAGE, src["partition"], src["offset"], src.get("timestamp") or None,
-                                              out.key or b"", orjson.loads(out.value)))
+                            instances.append((src["topic"], src["partition"], src["offset"],
+                                              src.get("timestamp") or None, out.key or b"", orjson.loads(out.value)))
                         else:
                             sender.add(out)
                     failed += self._account(item, outcome)

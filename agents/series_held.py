@@ -87,7 +87,6 @@ class HeldSeriesStage:
         self.forgetters: list[Callable[[Iterable[tuple[str, int]]], None]] = [self.guard.forget]
         #: Windows whose time ended early (a newer window of the series, or too many instances).
         self._due: list[tuple[bytes, dict[str, Any]]] = []
-        self._seen_actives: frozenset[TP] | None = None
         self.counters = {"flushes": 0, "instances": 0, "windows_unsettled": 0, "events_held": 0,
                          "windows_dropped": 0}
         _STAGES[app] = self
@@ -166,7 +165,6 @@ class HeldSeriesStage:
             # Faust's revocation waits until every message it handed out is acked; these are
             # acked only after their window's flush. Let it go on: they stay held here.
             release(self.app, self.windows.held_events())
-        self._check_assignment()
         self.counters["windows_unsettled"] = (self.windows.open_count() + len(self._due)
                                               + (1 if getattr(self.app, "rebalancing", False) else 0))
         now = time.time()
@@ -174,6 +172,9 @@ class HeldSeriesStage:
             if now >= agg["w"] + self.window_s:
                 self._close_early(key)
         while self._due:
+            if getattr(self.app, "rebalancing", False):
+                release(self.app, self.windows.held_events())
+                return  # flushed after the rebalance (or dropped by it)
             key, agg = self._due[0]
             try:
                 await self._emit(key, agg)
@@ -205,25 +206,25 @@ class HeldSeriesStage:
         log.info("series flush key=%s window=%s instances=%s count=%s version=%s", key.decode(errors="replace"),
                  agg["w"], len(agg["sops"]), fact.count, fact.version)
 
-    def _check_assignment(self) -> None:
-        """After this worker lost partitions, drop everything not flushed: it is read again."""
-        actives = frozenset(self.app.assignor.assigned_actives())
-        before, self._seen_actives = self._seen_actives, actives
-        if before is None or not (before - actives):
-            return  # the first assignment, or only partitions gained: everything held is still ours
+    def drop_all(self) -> None:
+        """Partitions were revoked: drop everything not flushed. Faust seeks every partition it
+        keeps back to its committed offset, and the gap guards restart from there, so all of it
+        is read again (nothing of it was acked), by this worker or by the partition's new owner.
+        A window may hold events of several partitions: nothing less than all would do."""
         tps = self.windows.partitions() | {tp for _, agg in self._due for tp in agg["firsts"]}
-        if not tps:
-            return
-        # A window may hold events of several partitions, some of which may have moved: all of
-        # it is read again from the committed offsets (nothing of it was acked).
         dropped = self.windows.clear()
         self._due.clear()
         release(self.app, dropped)
         for forget in self.forgetters:
             forget(tps)
-        self.counters["windows_dropped"] += 1
-        log.info("series windows dropped after an assignment change: partitions=%s events=%s (read again from "
-                 "the committed offsets)", sorted(tps), len(dropped))
+        if tps:
+            self.counters["windows_dropped"] += 1
+            log.info("series windows dropped at a rebalance: partitions=%s events=%s (read again from the "
+                     "committed offsets)", sorted(tps), len(dropped))
+
+    def release_held(self) -> None:
+        """Hand the held events back to Faust unacked (stopping: they are replayed at the next start)."""
+        release(self.app, self.windows.held_events())
 
     # -- the internal topic (records of an older version, or of a worker without an index) ----
 
@@ -264,6 +265,12 @@ def register(app: DicomflowApp, facts: FactsBase) -> HeldSeriesStage:
     app.metrics.register_counters("series_window", stage.counters)
     app.metrics.register_counters("series_gaps", stage.guard.stats)
     stage.guard.watch_revocations(app)
+
+    async def on_revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
+        stage.drop_all()
+
+    app.on_partitions_revoked.connect(on_revoked)  # type: ignore[arg-type]
+    app.before_stop(stage.release_held)
     app.agent(app.queues.series_instances, name="series")(stage.consume)
     app.timer(stage.scan_interval_s, name="series_flush")(stage.flush_closed)
     return stage

@@ -42,6 +42,7 @@ class DicomflowApp(faust.App):
     metrics: Metrics
     starters: list[Callable[[], Awaitable[None]]]
     closers: list[Callable[[], Awaitable[None]]]
+    stoppers: list[Callable[[], None]]
 
     @property
     def bootstrap(self) -> str:
@@ -59,6 +60,19 @@ class DicomflowApp(faust.App):
     def close_on_shutdown(self, stop: Callable[[], Awaitable[None]]) -> None:
         """Register a resource's ``stop`` to run when the worker shuts down."""
         self.closers.append(stop)
+
+    def before_stop(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` as the worker starts to stop, before Faust waits for every event it handed
+        out to be acked (a stage holding events unacked on purpose gives them back here)."""
+        self.stoppers.append(hook)
+
+    async def on_stop(self) -> None:
+        for hook in self.stoppers:
+            try:
+                hook()
+            except Exception:
+                log.exception("error in a before-stop hook")
+        await super().on_stop()
 
     async def on_first_start(self) -> None:
         await super().on_first_start()
@@ -108,6 +122,7 @@ def create_app(settings: Settings) -> DicomflowApp:
     app.profile = profile
     app.starters = []
     app.closers = []
+    app.stoppers = []
     app.metrics = setup_metrics(app)
     app.queues = Topics(app, settings.partitions)
     register_all(app, settings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -218,3 +219,33 @@ async def test_index_down_mid_stream_same_rows(fresh_broker: EmbeddedBroker, hom
     # The outage was felt, and waited out: the index sink or the facts retried.
     log = (home / "worker.log").read_text(errors="replace")
     assert f"sink={kind} " in log and ("retry_in_s=" in log or "series facts unavailable" in log), worker.log_tail()
+
+
+async def test_a_worker_with_open_windows_stops_at_once_and_its_successor_flushes_them(
+        fresh_broker: EmbeddedBroker, home: Path, pg_dsn: str, ct_small: Path) -> None:
+    """Open windows hold their storage events unacked; Faust's stop waits for every event it handed
+    out, so the stage gives them back as the worker stops: no hang, and they are read again."""
+    files = clone_series(ct_small, home / "storage" / "open", series=2, instances=5)
+    env = {**_env(fresh_broker, home, pg_dsn), "DICOMFLOW_SERIES_WINDOW_SECONDS": "120"}
+    worker = WorkerProcess(env, home / "w1.log").start()
+    try:
+        _backfill(env, home / "storage" / "open", "t-open")
+        log = home / "w1.log"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and "ingest batch" not in log.read_text(errors="replace"):
+            await asyncio.sleep(0.2)
+        assert "ingest batch" in log.read_text(errors="replace"), worker.log_tail(20)
+        assert not await _rows(pg_dsn)  # the 120 s windows are open
+        assert worker.proc is not None
+        started = time.monotonic()
+        os.killpg(worker.proc.pid, signal.SIGTERM)
+        worker.proc.wait(timeout=20)  # raises if the stop hangs (it waited for the held events)
+        assert time.monotonic() - started < 20
+    finally:
+        worker.stop()
+    successor = WorkerProcess(fresh_web_port(env, DICOMFLOW_SERIES_WINDOW_SECONDS=str(WINDOW_S)),
+                              home / "w2.log").start()
+    try:
+        await _stable(pg_dsn, _expected(files), quiet=2 * WINDOW_S)
+    finally:
+        successor.stop()

@@ -33,7 +33,7 @@ from typing import Any
 from pynetdicom import association as _association
 from pynetdicom import dul as _dul
 
-__all__ = ["MAX_WAIT_S", "install", "uninstall", "attach"]
+__all__ = ["MAX_WAIT_S", "install", "uninstall", "attach", "detach"]
 
 #: The longest a reactor waits without a reason to wake: bounds how late a timer or a kill is seen.
 MAX_WAIT_S = 0.05
@@ -49,8 +49,7 @@ class _Waker:
     def __init__(self, assoc: Any) -> None:
         self.assoc = assoc
         self.dul = assoc.dul
-        # Socket objects, never closed by hand: they close when the waker is garbage, so no
-        # thread can still hold a descriptor number that the process has given to a new file.
+        # Socket objects, not bare descriptors: see close().
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
@@ -93,6 +92,12 @@ class _Waker:
             return
         with contextlib.suppress(OSError):  # non-blocking: at most what is there
             self.wake_r.recv(4096)
+
+    def close(self) -> None:
+        # Socket objects: once closed their descriptor is -1, so a late wake-up or wait fails on
+        # them (and is ignored) instead of reaching a descriptor the process has reused.
+        self.wake_r.close()
+        self.wake_w.close()
 
     def wait_assoc(self) -> None:
         self.assoc_ready.clear()
@@ -148,6 +153,13 @@ def uninstall() -> None:
         _dul.time = _dul.time._real  # noqa: SLF001
     if isinstance(_association.time, _SleepShim):
         _association.time = _association.time._real  # noqa: SLF001
+
+
+def detach(assoc: Any) -> None:
+    """The connection closed (EVT_CONN_CLOSE): free the association's wake-up sockets."""
+    waker: _Waker | None = getattr(assoc, _ATTR, None)
+    if waker is not None:
+        waker.close()
 
 
 def attach(assoc: Any) -> None:

@@ -70,6 +70,10 @@ def _wake_reactors(event: Any) -> None:
     reactor.attach(event.assoc)
 
 
+def _free_wakers(event: Any) -> None:
+    reactor.detach(event.assoc)
+
+
 class StorageSCP:
     """The SCP as a component of an asyncio application.
 
@@ -128,6 +132,7 @@ class StorageSCP:
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, on_connection_open),
             (evt.EVT_CONN_OPEN, _wake_reactors),
+            (evt.EVT_CONN_CLOSE, _free_wakers),
             (evt.EVT_REQUESTED, handle_association_request, [config.tenancy]),
             (evt.EVT_C_STORE, _store_or_refuse, [deps]),
         ]
