@@ -42,9 +42,6 @@ __all__ = ["SeriesStage", "register"]
 
 log = logging.getLogger(__name__)
 
-#: Instances after which a window is flushed before its time (its aggregate carries their UIDs).
-MAX_WINDOW_INSTANCES = 500
-
 
 class SeriesStage:
     """The window logic and the timer's non-durable bookkeeping (rebuilt from the table when

@@ -164,9 +164,6 @@ class HeldWindows:
         del held[:n]
         return out
 
-    def held_partitions(self) -> list[TopicPartition]:
-        return [tp for tp, held in self._held.items() if held]
-
     def held_events(self) -> list[Any]:
         return [event for held in self._held.values() for _, event in held]
 
