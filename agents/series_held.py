@@ -11,6 +11,12 @@ broker records and two Faust events per instance fewer, issue #15).
 Records still on ``dicomflow_series_instances`` (written by an older version, or by a
 worker without an index) are consumed the same way, holding that topic's events.
 
+A window also closes before its end once its series has gone quiet (no instance for
+``DICOMFLOW_SERIES_QUIET_SECONDS``) and every source partition it came from is read to the
+partition's high watermark: the sender has finished, and waiting for the window's end would
+only delay the series row (by up to the window length; issue #15). At most once per window
+length per series, so a sender that pauses and resumes costs one extra write, not one per pause.
+
 A timer flushes windows whose time is over: it takes the window out of the store (a new
 instance of the series starts a new window meanwhile), records its instances and reads the
 count and the next version in one index transaction, sends the state row, and then
@@ -73,9 +79,15 @@ def stage_of(app: DicomflowApp) -> HeldSeriesStage | None:
 class HeldSeriesStage:
     """Windows in memory, their events held unacked until the window's state row is out."""
 
-    def __init__(self, app: DicomflowApp, window_s: float, facts: FactsBase) -> None:
+    def __init__(self, app: DicomflowApp, window_s: float, facts: FactsBase, quiet_s: float = 0.0) -> None:
         self.app = app
         self.window_s = window_s
+        #: Quiet this long (and read to the end): the window closes early (0: off).
+        self.quiet_s = quiet_s if 0 < quiet_s < window_s else 0.0
+        #: The highest source offset handed to this stage per partition (monotonic "read to").
+        self._read_to: dict[TopicPartition, int] = {}
+        #: When each series was last flushed (monotonic): spaces the quiet closes.
+        self._flushed_at: dict[bytes, float] = {}
         self.facts = facts
         #: How often the timer looks for closed windows; bounds the flush delay after a close.
         self.scan_interval_s = min(0.25, window_s / 2)
@@ -88,7 +100,7 @@ class HeldSeriesStage:
         #: Windows whose time ended early (a newer window of the series, or too many instances).
         self._due: list[tuple[bytes, dict[str, Any]]] = []
         self.counters = {"flushes": 0, "instances": 0, "windows_unsettled": 0, "events_held": 0,
-                         "windows_dropped": 0}
+                         "windows_dropped": 0, "quiet_closes": 0}
         _STAGES[app] = self
 
     # -- instances in ------------------------------------------------------------------
@@ -117,6 +129,7 @@ class HeldSeriesStage:
                 # Where the file is (storage-root relative), recorded with the facts for the series JSON.
                 agg["paths"][msg["sop_uid"]] = msg["path"]
             agg["state"] = msg["state"]
+            agg["touched"] = time.monotonic()
             self.counters["instances"] += 1
             if len(sops) >= MAX_WINDOW_INSTANCES:
                 self._close_early(key)  # the aggregate carries every UID: keep it bounded
@@ -144,6 +157,7 @@ class HeldSeriesStage:
             if ack is not None:
                 self.ackers.setdefault(m.topic, ack)
             self.windows.hold(tp, m.offset, event)
+            self._read_to[tp] = max(self._read_to.get(tp, -1), m.offset)
             touched.add(tp)
         for tp in touched:
             await self._release(tp)
@@ -167,9 +181,12 @@ class HeldSeriesStage:
             release(self.app, self.windows.held_events())
         self.counters["windows_unsettled"] = (self.windows.open_count() + len(self._due)
                                               + (1 if getattr(self.app, "rebalancing", False) else 0))
-        now = time.time()
+        now, mono = time.time(), time.monotonic()
         for key, agg in self.windows.iter_windows():
             if now >= agg["w"] + self.window_s:
+                self._close_early(key)
+            elif self._quiet(key, agg, mono):
+                self.counters["quiet_closes"] += 1
                 self._close_early(key)
         while self._due:
             if getattr(self.app, "rebalancing", False):
@@ -184,10 +201,31 @@ class HeldSeriesStage:
                 log.error("series flush failed key=%s (retried): %s", key.decode(errors="replace"), exc)
                 return
             self._due.pop(0)
+            self._flushed_at[key] = time.monotonic()
             self.windows.flushed(agg)
             for tp in agg["firsts"]:
                 await self._release(tp)
         self.counters["windows_unsettled"] = self.windows.open_count() + len(self._due)
+        if len(self._flushed_at) > 1024:  # only the last window length matters
+            cutoff = time.monotonic() - self.window_s
+            self._flushed_at = {k: t for k, t in self._flushed_at.items() if t >= cutoff}
+
+    def _quiet(self, key: bytes, agg: dict[str, Any], mono: float) -> bool:
+        """The series went quiet with its partitions read to the end, and was not flushed in the
+        last window length (the spacing that bounds what a pausing sender costs)."""
+        if not self.quiet_s or mono - agg.get("touched", mono) < self.quiet_s:
+            return False
+        if mono - self._flushed_at.get(key, float("-inf")) < self.window_s:
+            return False
+        consumer = getattr(self.app, "consumer", None)
+        for tp in agg["firsts"]:
+            try:
+                highwater = consumer.highwater(TP(*tp)) if consumer is not None else None
+            except Exception:  # noqa: BLE001 - no consumer (yet): not known, no early close
+                return False
+            if highwater is None or self._read_to.get(tp, -1) + 1 < highwater:
+                return False  # more of the partition is in the broker: perhaps more of this series
+        return True
 
     async def _emit(self, key: bytes, agg: dict[str, Any]) -> None:
         row = dict(agg["state"])
@@ -214,6 +252,8 @@ class HeldSeriesStage:
         tps = self.windows.partitions() | {tp for _, agg in self._due for tp in agg["firsts"]}
         dropped = self.windows.clear()
         self._due.clear()
+        for tp in tps:
+            self._read_to.pop(tp, None)  # read again from the committed offset
         release(self.app, dropped)
         for forget in self.forgetters:
             forget(tps)
@@ -259,7 +299,7 @@ class HeldSeriesStage:
 
 
 def register(app: DicomflowApp, facts: FactsBase) -> HeldSeriesStage:
-    stage = HeldSeriesStage(app, app.settings.series_window_seconds, facts)
+    stage = HeldSeriesStage(app, app.settings.series_window_seconds, facts, app.settings.series_quiet_seconds)
     app.close_on_shutdown(facts.stop)
     app.metrics.register_counters("series_facts", facts.counters)
     app.metrics.register_counters("series_window", stage.counters)

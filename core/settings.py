@@ -299,6 +299,10 @@ class Settings:
     #: Address the worker's web server (metrics, pages) listens on; loopback unless opened on purpose.
     web_bind: str
     series_window_seconds: float
+    #: A series window is flushed before its end once its series received nothing for this long
+    #: and its source partition is read to the end (at most once per window length per series;
+    #: 0: off). Needs an index (the windows held in memory).
+    series_quiet_seconds: float
     postgres_dsn: Secret | None
     doris_fe_url: str | None
     doris_user: str
@@ -309,8 +313,9 @@ class Settings:
     doris_max_bytes: int
     doris_max_interval: float
     doris_dedup_window: int
-    #: A batch whose partition received nothing for this long (and at least 5 s old) is loaded
-    #: then, not at _MAX_INTERVAL: a burst's tail reaches Doris seconds after it (0: off).
+    #: A batch whose partition received nothing for this long (and whose previous load is at least
+    #: 5 s old) is loaded then, not at _MAX_INTERVAL: a burst's tail reaches Doris about a second
+    #: after it (0: off).
     doris_idle_flush: float
     ingest_processes: int
     scp_host: str
@@ -438,6 +443,7 @@ class Settings:
             web_port=_int(env, "DICOMFLOW_WEB_PORT", 6066, minimum=1),
             web_bind=env.get("DICOMFLOW_WEB_BIND") or "127.0.0.1",
             series_window_seconds=_float(env, "DICOMFLOW_SERIES_WINDOW_SECONDS", 5.0, minimum=0.1),
+            series_quiet_seconds=_float(env, "DICOMFLOW_SERIES_QUIET_SECONDS", 1.0, minimum=0.0),
             postgres_dsn=Secret(dsn) if dsn else None,
             doris_fe_url=(env.get("DICOMFLOW_DORIS_FE_URL") or "").rstrip("/") or None,
             doris_user=env.get("DICOMFLOW_DORIS_USER") or "root",
@@ -448,7 +454,7 @@ class Settings:
             doris_max_bytes=_int(env, "DICOMFLOW_DORIS_MAX_BYTES", 16 * 1024 * 1024, minimum=1024),
             doris_max_interval=_float(env, "DICOMFLOW_DORIS_MAX_INTERVAL", 20.0, minimum=0.05),
             doris_dedup_window=_int(env, "DICOMFLOW_DORIS_DEDUP_WINDOW", 100_000, minimum=0),
-            doris_idle_flush=_float(env, "DICOMFLOW_DORIS_IDLE_FLUSH", 2.0, minimum=0.0),
+            doris_idle_flush=_float(env, "DICOMFLOW_DORIS_IDLE_FLUSH", 1.0, minimum=0.0),
             doris_be_allowlist=_host_list(env, "DICOMFLOW_DORIS_BE_ALLOWLIST"),
             # On 2 cores the pool's process hop costs more than the overlap gains (issue #15).
             ingest_processes=_int(env, "DICOMFLOW_INGEST_PROCESSES", _default_parse_processes(), minimum=0),

@@ -152,7 +152,7 @@ async def test_an_idle_partition_loads_its_batch_before_the_interval(fresh_broke
                     yield _Event(LOG, offset, v)
 
             await stage.consume(_Stream(source(), []))  # type: ignore[arg-type]
-            await stage.tick()  # quiet at once, but the batch is younger than the minimum age
+            await stage.tick()  # not quiet yet: the last event came just now
             assert doris_emulator.rows(OBJECT) == [] and ports.acked == []
             stages.append((stage, ports))
         (off, off_ports), (on, on_ports) = stages
@@ -178,3 +178,54 @@ async def test_an_idle_partition_loads_its_batch_before_the_interval(fresh_broke
 
 def loop_time() -> float:
     return asyncio.get_running_loop().time()
+
+
+async def test_a_tail_loads_once_quiet_however_young_its_batch_but_idle_loads_stay_spaced(
+        fresh_broker: EmbeddedBroker, doris_emulator: DorisEmulator) -> None:
+    """Issue #15: the burst's last batch is often young (it began after the previous load), and
+    waiting for it to age delayed the last rows by seconds. The idle bound is on the spacing of a
+    partition's loads instead: once quiet, a batch loads if the partition's previous load is at
+    least the minimum age old, so sparse traffic still makes at most one idle load per interval."""
+    values = rows(5)
+    await ensure_topics(fresh_broker.bootstrap, [LOG], 1)
+    await _produce(fresh_broker, LOG, [(b"k", v) for v in values])
+    client = StreamLoadClient(doris_emulator.fe_url, doris_emulator.user, doris_emulator.password)
+    await client.start()
+    try:
+        spec = next(s for s in DORIS_OUTPUTS if s.name == LOG)
+        ports = Ports(doris_emulator)
+        batcher: DorisBatcher[Any] = DorisBatcher(DorisTableSink(client, db=DB, table=OBJECT), LOG, ports.ports(),
+                                                  BatchLimits(100, 1 << 30, 3600.0, 100), kind="object",
+                                                  dedup_trace=False)
+        batcher.counters["idle_flushes"] = 0
+        highwater = {0: 3}
+        spacing = 2.0
+        stage = DorisStage(spec, batcher, GapGuard(_app(fresh_broker), LOG), _ManualAck(), idle_flush_s=0.2,
+                           idle_flush_min_age_s=spacing, highwater=highwater.get)
+
+        async def source(offsets: range) -> AsyncIterator[_Event]:
+            for offset in offsets:
+                yield _Event(LOG, offset, values[offset])
+
+        async def until_rows(n: int) -> float:
+            deadline = loop_time() + 10
+            while len(doris_emulator.rows(OBJECT)) < n:
+                assert loop_time() < deadline, f"{n} rows were not loaded"
+                await stage.tick()
+                await asyncio.sleep(0.05)
+            return loop_time()
+
+        started = loop_time()
+        await stage.consume(_Stream(source(range(3)), []))  # type: ignore[arg-type]
+        first_load = await until_rows(3)
+        # Loaded once quiet (0.2 s), long before the batch was `spacing` old.
+        assert first_load - started < spacing - 0.5
+        highwater[0] = 5
+        await stage.consume(_Stream(source(range(3, 5)), []))  # type: ignore[arg-type]
+        second_load = await until_rows(5)
+        # Quiet again at once, but the partition's previous load was too recent: spaced.
+        assert second_load - first_load >= spacing - 0.1
+        assert batcher.counters["idle_flushes"] == 2 and len(doris_emulator.loads) == 2
+        assert [e.message.offset for e in ports.acked] == [0, 1, 2, 3, 4]  # type: ignore[attr-defined]
+    finally:
+        await client.stop()

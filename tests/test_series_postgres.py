@@ -226,7 +226,8 @@ async def test_a_worker_with_open_windows_stops_at_once_and_its_successor_flushe
     """Open windows hold their storage events unacked; Faust's stop waits for every event it handed
     out, so the stage gives them back as the worker stops: no hang, and they are read again."""
     files = clone_series(ct_small, home / "storage" / "open", series=2, instances=5)
-    env = {**_env(fresh_broker, home, pg_dsn), "DICOMFLOW_SERIES_WINDOW_SECONDS": "120"}
+    env = {**_env(fresh_broker, home, pg_dsn), "DICOMFLOW_SERIES_WINDOW_SECONDS": "120",
+           "DICOMFLOW_SERIES_QUIET_SECONDS": "0"}  # the windows stay open: no early close once quiet
     worker = WorkerProcess(env, home / "w1.log").start()
     try:
         _backfill(env, home / "storage" / "open", "t-open")
@@ -249,3 +250,26 @@ async def test_a_worker_with_open_windows_stops_at_once_and_its_successor_flushe
         await _stable(pg_dsn, _expected(files), quiet=2 * WINDOW_S)
     finally:
         successor.stop()
+
+
+async def test_a_series_sent_in_one_go_is_indexed_once_quiet_not_at_its_window_end(
+        fresh_broker: EmbeddedBroker, home: Path, pg_dsn: str, ct_small: Path) -> None:
+    """Issue #15: the series row waited for its window's end (up to DICOMFLOW_SERIES_WINDOW_SECONDS
+    after the last instance). A window whose series has gone quiet, with its source partition read
+    to the end, is flushed then: one write per series, seconds before the window would end."""
+    files = clone_series(ct_small, home / "storage" / "quiet", series=3, instances=20)
+    # Windows are aligned to multiples of their length: pick one whose end is minutes away.
+    window = next(w for w in (3600, 5400, 7200) if (time.time() // w + 1) * w - time.time() > 300)
+    env = {**_env(fresh_broker, home, pg_dsn), "DICOMFLOW_SERIES_WINDOW_SECONDS": str(window),
+           "DICOMFLOW_SERIES_QUIET_SECONDS": "0.5"}
+    worker = WorkerProcess(env, home / "worker.log").start()
+    try:
+        started = time.monotonic()
+        _backfill(env, home / "storage" / "quiet", "t-quiet")
+        await _wait_rows(pg_dsn, _expected(files), timeout=30)
+        assert time.monotonic() - started < 30, "the rows waited for their windows' end"
+    finally:
+        worker.stop()
+    async with _connect(pg_dsn) as conn:
+        writes = await row_writes(conn)
+    assert writes == 3, f"{writes} row writes for 3 series sent in one go"
