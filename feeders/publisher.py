@@ -16,6 +16,7 @@ from core.errors import BrokerError
 from core.settings import BrokerProfile, BrokerSecurity
 from schemas import codec
 from streams.broker import bootstrap_of, ensure_topics, kafka_client_kwargs
+from streams.partitioner import CachedPartitioner
 from streams.topology import ALL_TOPICS, STORAGE
 
 __all__ = ["EventPublisher"]
@@ -48,6 +49,7 @@ class EventPublisher:
             max_batch_size=max(self.profile.producer_max_batch_size, 1),
             linger_ms=int(self.profile.producer_linger_s * 1000),
             request_timeout_ms=int(self.request_timeout_s * 1000),
+            partitioner=CachedPartitioner(),  # Kafka's partitions; the hash of recent keys kept
             **kafka_client_kwargs(self.security),
         )
 

@@ -22,6 +22,7 @@ from core.errors import ConfigError
 from core.settings import BrokerProfile, Settings
 from streams.broker import bootstrap_of, ensure_topics, faust_credentials
 from streams.metrics import Metrics, setup_metrics
+from streams.partitioner import CachedPartitioner
 from streams.topics import Topics
 from streams.topology import ALL_TOPICS
 from streams.transport import ProfiledTransport
@@ -108,6 +109,8 @@ def create_app(settings: Settings) -> DicomflowApp:
         "broker_heartbeat_interval": profile.heartbeat_interval_s,
         "producer_max_batch_size": profile.producer_max_batch_size,
         "producer_linger": profile.producer_linger_s,
+        # Kafka's partitioning, with the hash of recent keys kept (pure-Python murmur2 per record).
+        "producer_partitioner": CachedPartitioner(),
         "producer_acks": -1,
         "broker_credentials": faust_credentials(settings.broker_security),
         "consumer_auto_offset_reset": "earliest",
