@@ -161,12 +161,16 @@ def up(workers: int | None) -> None:
     settings = _settings(DICOMFLOW_WORKERS=workers)
     _logging(settings.log_level)
     stack = Stack(settings, workers=settings.workers, echo=click.echo)
+    stack.catch_stop_signals()  # a stop asked while starting drains once started, never kills
     try:
         info = _run_or_exit(stack.start)
         ready = stack.wait_ready(timeout=90)
     except BaseException:
         stack.stop()
         raise
+    if stack.stopping:
+        click.echo("dicomflow: a stop was asked while starting: draining and stopping")
+        sys.exit(stack.supervise())
     click.secho("dicomflow is up" if ready else "dicomflow started (the SCP is not accepting yet)",
                 fg="green" if ready else "yellow", bold=True)
     click.echo(f"  broker      {info['broker']}{'  (embedded Tansu, memory-only)' if info['broker_embedded'] else ''}")

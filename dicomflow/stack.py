@@ -216,7 +216,7 @@ class Stack:
         """
         log_file = self.settings.home / "logs" / "scp.log"
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._stopping:
             try:
                 if "scp listening" in log_file.read_text(errors="replace"):
                     return True
@@ -227,13 +227,24 @@ class Stack:
             time.sleep(0.2)
         return False
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def request_stop(self, signum: int = signal.SIGTERM, frame: Any = None) -> None:
+        """SIGINT/SIGTERM: drain and stop (honoured by :meth:`supervise`, also if it came first)."""
+        self._stopping = True
+
+    def catch_stop_signals(self) -> None:
+        """Take SIGINT and SIGTERM as a stop request from now on. Installed before the stack
+        starts: a stop asked while it starts (a service manager, Ctrl-C) must drain what started,
+        not kill `up` with its children half up."""
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGTERM, self.request_stop)
+
     def supervise(self) -> int:
         """Keep the children running until a signal; then drain and stop. Returns an exit code."""
-        def on_signal(signum: int, frame: Any) -> None:
-            self._stopping = True
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        self.catch_stop_signals()
         while not self._stopping:
             self.tend(time.monotonic())
             time.sleep(0.2)

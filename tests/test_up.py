@@ -155,3 +155,26 @@ async def test_a_second_up_on_a_live_home_is_refused(tmp_path: Path) -> None:
     finally:
         code, _ = up.terminate()
     assert code == 0
+
+
+async def test_a_stop_asked_while_up_is_still_starting_drains_instead_of_killing_it(tmp_path: Path) -> None:
+    """SIGTERM (a service manager, the tests' own stop) can come before the stack is supervised:
+    while the broker, PostgreSQL and the children are being started, or while the banner is
+    printed. It used to kill `up` outright (exit -15, nothing drained); it is now honoured as a
+    stop once the stack is started: exit 0, every child gone."""
+    up = UpProcess(tmp_path)
+    with open(up.log, "ab") as out:
+        up.proc = subprocess.Popen([sys.executable, "-m", "dicomflow.cli", "up"], env=up.env, cwd=REPO,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    # Mid-start: the broker is listening, the rest is still starting.
+    await up.wait_for(lambda: "embedded broker listening" in up.text(), 120)
+    assert "dicomflow is up" not in up.text()
+    os.kill(up.proc.pid, signal.SIGTERM)  # to `up` alone, as a service manager's stop does
+    code = up.proc.wait(timeout=120)
+    assert code == 0, up.text()[-3000:]
+    pids = [c["pid"] for c in up.stack().get("children", {}).values()]
+    deadline = time.monotonic() + 30
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert all(_gone(p) for p in pids), [p for p in pids if not _gone(p)]
+    assert not wait_for_port("127.0.0.1", up.scp_port, 0.2)
