@@ -38,7 +38,7 @@ from bench.common import Figure, figures_table, poll_until, table, write_result
 from bench.dataset import BenchDataset, build
 from bench.kafka import OffsetProbe
 from bench.parse_rates import Rate
-from bench.pipeline import CpuMeter, Run, backfill, pipeline_run
+from bench.pipeline import CpuMeter, Run, backfill, create_database, pipeline_run
 from bench.profiling import CProfiledWorker, Profile, PySpy, find_py_spy, summarize_pstats, summarize_py_spy
 from dicomflow.embedded.postgres import EmbeddedPostgres
 from streams.topology import DLQ, IMAGE, LOG, SERIES_INSTANCES, STORAGE
@@ -216,17 +216,6 @@ def _baselines(files: list[Path], storage: Path) -> tuple[dict[str, Rate], float
     return rates, (steal_seconds() - s0) / max(time.monotonic() - t0, 1e-6)
 
 
-async def _database(pg: EmbeddedPostgres, name: str) -> str:
-    import asyncpg
-
-    conn = await asyncpg.connect(pg.dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return pg.dsn_for(name)
-
-
 def run_ingest(*, instances: int, series: int, profile: bool = False, profiler: str = "auto",
                workdir: Path | None = None, worker_env: dict[str, str] | None = None,
                index: bool = True) -> IngestResult:
@@ -245,7 +234,7 @@ def run_ingest(*, instances: int, series: int, profile: bool = False, profiler: 
         baselines, steal_before = _baselines(ds.files, storage)
         print("ingest: pipeline run (one worker) ...", flush=True)
         with pipeline_run(work, storage, "run-timed") as run:
-            dsn = asyncio.run(_database(pg, "timed")) if pg else None
+            dsn = asyncio.run(create_database(pg, "timed")) if pg else None
             timed, _ = asyncio.run(_measure(run, ds.instances, profiler=None, worker_env=worker_env, dsn=dsn))
         print("ingest: raw baseline again ...", flush=True)
         after, steal_after = _baselines(ds.files, storage)
@@ -255,7 +244,7 @@ def run_ingest(*, instances: int, series: int, profile: bool = False, profiler: 
             tool = _choose_profiler(profiler)
             print(f"ingest: profiled run ({tool}) ...", flush=True)
             with pipeline_run(work, storage, "run-profiled") as run:
-                dsn = asyncio.run(_database(pg, "profiled")) if pg else None
+                dsn = asyncio.run(create_database(pg, "profiled")) if pg else None
                 result.profiled_run, result.profile = asyncio.run(_measure(run, ds.instances, profiler=tool,
                                                                            worker_env=worker_env, dsn=dsn))
             if result.profile is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench.procstat import child_pids, tree_cpu_seconds
 from dicomflow.embedded.broker import EmbeddedBroker
+from dicomflow.embedded.postgres import EmbeddedPostgres
 from tests.harness import REPO, WorkerProcess, worker_env
 
 __all__ = ["Run", "pipeline_run", "backfill", "CpuMeter"]
@@ -40,6 +41,18 @@ class Run:
     def broker_pid(self) -> int | None:
         pids = child_pids(os.getpid(), "tansu")
         return pids[0] if len(pids) == 1 else None
+
+
+async def create_database(pg: EmbeddedPostgres, name: str) -> str:
+    """A fresh database on the embedded PostgreSQL (one per run); its DSN."""
+    import asyncpg
+
+    conn = await asyncpg.connect(pg.dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return pg.dsn_for(name)
 
 
 @contextmanager

@@ -38,7 +38,7 @@ import asyncpg
 from bench.common import Figure, figures_table, poll_until, table, write_result
 from bench.dataset import CT_SMALL, build
 from bench.kafka import OffsetProbe
-from bench.pipeline import Run, backfill, pipeline_run
+from bench.pipeline import Run, backfill, create_database, pipeline_run
 from dicom.extract import Extracted, extract
 from dicomflow.embedded.postgres import EmbeddedPostgres
 from schemas.records import DicomStateMeta
@@ -62,15 +62,6 @@ class SeriesResult:
     sink: dict[str, Any]
     figures: list[Figure] = field(default_factory=list)
     path: Path | None = None
-
-
-async def _create_db(pg: EmbeddedPostgres, name: str) -> str:
-    conn = await asyncpg.connect(pg.dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return pg.dsn_for(name)
 
 
 async def _series_rows(dsn: str) -> list[asyncpg.Record]:
@@ -235,10 +226,10 @@ def run_series_pg(*, series: int = 50, per_series: int = 100, sink_rows: int = 2
         build(storage / "series", instances=series * per_series, series=series)
         print("series_pg: pipeline run (one worker, PostgreSQL sink) ...", flush=True)
         with pipeline_run(work, storage, "run-series") as run:
-            dsn = asyncio.run(_create_db(pg, "bench_pipeline"))
+            dsn = asyncio.run(create_database(pg, "bench_pipeline"))
             writes = asyncio.run(_measure_writes(run, dsn, series, per_series, window_s))
         print(f"series_pg: sink vs COPY, {sink_rows} rows x {repeat} rounds ...", flush=True)
-        sink = asyncio.run(_measure_sink(asyncio.run(_create_db(pg, "bench_sink")), sink_rows, repeat))
+        sink = asyncio.run(_measure_sink(asyncio.run(create_database(pg, "bench_sink")), sink_rows, repeat))
     finally:
         pg.stop()
         if own:

@@ -91,9 +91,7 @@ class _FlakyIntents(Ports):
 
 async def test_a_failed_partition_open_loses_no_event(fresh_broker: EmbeddedBroker, doris_emulator: DorisEmulator
                                                       ) -> None:
-    values = rows(3)
-    await ensure_topics(fresh_broker.bootstrap, [LOG], 1)
-    await _produce(fresh_broker, LOG, [(b"k", v) for v in values])
+    values = await _preloaded_log(fresh_broker, 3)
     client = StreamLoadClient(doris_emulator.fe_url, doris_emulator.user, doris_emulator.password)
     await client.start()
     try:
@@ -129,9 +127,7 @@ async def test_an_idle_partition_loads_its_batch_before_the_interval(fresh_broke
                                                                      doris_emulator: DorisEmulator) -> None:
     """DICOMFLOW_DORIS_IDLE_FLUSH: a burst's tail is loaded once its partition goes quiet, not after
     the hour-long interval; the intent is still recorded first, and the events are acked after the load."""
-    values = rows(3)
-    await ensure_topics(fresh_broker.bootstrap, [LOG], 1)
-    await _produce(fresh_broker, LOG, [(b"k", v) for v in values])
+    values = await _preloaded_log(fresh_broker, 3)
     client = StreamLoadClient(doris_emulator.fe_url, doris_emulator.user, doris_emulator.password)
     await client.start()
     try:
@@ -176,6 +172,14 @@ async def test_an_idle_partition_loads_its_batch_before_the_interval(fresh_broke
         await client.stop()
 
 
+async def _preloaded_log(broker: EmbeddedBroker, n: int) -> list[bytes]:
+    """``n`` transfer-log rows on partition 0 of a fresh log topic."""
+    values = rows(n)
+    await ensure_topics(broker.bootstrap, [LOG], 1)
+    await _produce(broker, LOG, [(b"k", v) for v in values])
+    return values
+
+
 def loop_time() -> float:
     return asyncio.get_running_loop().time()
 
@@ -186,9 +190,7 @@ async def test_a_tail_loads_once_quiet_however_young_its_batch_but_idle_loads_st
     waiting for it to age delayed the last rows by seconds. The idle bound is on the spacing of a
     partition's loads instead: once quiet, a batch loads if the partition's previous load is at
     least the minimum age old, so sparse traffic still makes at most one idle load per interval."""
-    values = rows(5)
-    await ensure_topics(fresh_broker.bootstrap, [LOG], 1)
-    await _produce(fresh_broker, LOG, [(b"k", v) for v in values])
+    values = await _preloaded_log(fresh_broker, 5)
     client = StreamLoadClient(doris_emulator.fe_url, doris_emulator.user, doris_emulator.password)
     await client.start()
     try:
