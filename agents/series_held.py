@@ -84,10 +84,14 @@ class HeldSeriesStage:
         self.window_s = window_s
         #: Quiet this long (and read to the end): the window closes early (0: off).
         self.quiet_s = quiet_s if 0 < quiet_s < window_s else 0.0
+        if quiet_s >= window_s:
+            log.info("series quiet close off: DICOMFLOW_SERIES_QUIET_SECONDS=%s is not below the window "
+                     "(%s s), so windows close at their end only", quiet_s, window_s)
         #: The highest source offset handed to this stage per partition (monotonic "read to").
         self._read_to: dict[TopicPartition, int] = {}
-        #: When each series was last flushed (monotonic): spaces the quiet closes.
-        self._flushed_at: dict[bytes, float] = {}
+        #: When each series last closed quiet (monotonic): spaces the quiet closes. Closes at a
+        #: window's end or at its size limit are not counted: they must not delay the next window's.
+        self._quiet_at: dict[bytes, float] = {}
         self.facts = facts
         #: How often the timer looks for closed windows; bounds the flush delay after a close.
         self.scan_interval_s = min(0.25, window_s / 2)
@@ -187,6 +191,7 @@ class HeldSeriesStage:
                 self._close_early(key)
             elif self._quiet(key, agg, mono):
                 self.counters["quiet_closes"] += 1
+                self._quiet_at[key] = mono
                 self._close_early(key)
         while self._due:
             if getattr(self.app, "rebalancing", False):
@@ -201,26 +206,24 @@ class HeldSeriesStage:
                 log.error("series flush failed key=%s (retried): %s", key.decode(errors="replace"), exc)
                 return
             self._due.pop(0)
-            self._flushed_at[key] = time.monotonic()
             self.windows.flushed(agg)
             for tp in agg["firsts"]:
                 await self._release(tp)
         self.counters["windows_unsettled"] = self.windows.open_count() + len(self._due)
-        if len(self._flushed_at) > 1024:  # only the last window length matters
+        if len(self._quiet_at) > 1024:  # only the last window length matters
             cutoff = time.monotonic() - self.window_s
-            self._flushed_at = {k: t for k, t in self._flushed_at.items() if t >= cutoff}
+            self._quiet_at = {k: t for k, t in self._quiet_at.items() if t >= cutoff}
 
     def _quiet(self, key: bytes, agg: dict[str, Any], mono: float) -> bool:
-        """The series went quiet with its partitions read to the end, and was not flushed in the
-        last window length (the spacing that bounds what a pausing sender costs)."""
+        """The series went quiet with its partitions read to the end, and did not close quiet in
+        the last window length (the spacing that bounds what a pausing sender costs)."""
         if not self.quiet_s or mono - agg.get("touched", mono) < self.quiet_s:
             return False
-        if mono - self._flushed_at.get(key, float("-inf")) < self.window_s:
+        if mono - self._quiet_at.get(key, float("-inf")) < self.window_s:
             return False
-        consumer = getattr(self.app, "consumer", None)
         for tp in agg["firsts"]:
             try:
-                highwater = consumer.highwater(TP(*tp)) if consumer is not None else None
+                highwater = self.app.consumer.highwater(TP(*tp))
             except Exception:  # noqa: BLE001 - no consumer (yet): not known, no early close
                 return False
             if highwater is None or self._read_to.get(tp, -1) + 1 < highwater:
@@ -252,8 +255,9 @@ class HeldSeriesStage:
         tps = self.windows.partitions() | {tp for _, agg in self._due for tp in agg["firsts"]}
         dropped = self.windows.clear()
         self._due.clear()
-        for tp in tps:
-            self._read_to.pop(tp, None)  # read again from the committed offset
+        # Every partition kept is read again from its committed offset (not only those with
+        # windows): what was read to is unknown until it is handed here again.
+        self._read_to.clear()
         release(self.app, dropped)
         for forget in self.forgetters:
             forget(tps)

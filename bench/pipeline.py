@@ -17,7 +17,7 @@ from dicomflow.embedded.broker import EmbeddedBroker
 from dicomflow.embedded.postgres import EmbeddedPostgres
 from tests.harness import REPO, WorkerProcess, worker_env
 
-__all__ = ["Run", "pipeline_run", "backfill", "CpuMeter"]
+__all__ = ["Run", "pipeline_run", "backfill", "CpuMeter", "create_database"]
 
 
 @dataclass

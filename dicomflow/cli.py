@@ -171,19 +171,22 @@ def up(workers: int | None) -> None:
     if stack.stopping:
         click.echo("dicomflow: a stop was asked while starting: draining and stopping")
         sys.exit(stack.supervise())
-    click.secho("dicomflow is up" if ready else "dicomflow started (the SCP is not accepting yet)",
-                fg="green" if ready else "yellow", bold=True)
-    click.echo(f"  broker      {info['broker']}{'  (embedded Tansu, memory-only)' if info['broker_embedded'] else ''}")
-    click.echo(f"  postgres    {info['postgres_dsn']}{'  (embedded)' if info['postgres_embedded'] else ''}")
+    # One write, headline last-but-complete: whoever watches the output for "dicomflow is up"
+    # (a script, a test, an operator's tail) must find every address with it, not half of them.
+    head = click.style("dicomflow is up" if ready else "dicomflow started (the SCP is not accepting yet)",
+                       fg="green" if ready else "yellow", bold=True)
     scp = info["scp"]
-    click.echo(f"  scp         {scp['aet']}@{scp['host']}:{scp['port']}  (C-STORE)")
-    click.echo(_tenant_line(settings, embedded=bool(info["broker_embedded"])))
-    for w in info["workers"]:
-        click.echo(f"  worker      {w['web']}  metrics {w['metrics']}")
-    click.echo(f"  doris       {info['doris']}")
-    click.echo(f"  storage     {info['storage_root']}")
-    click.echo(f"  logs        {info['logs']}")
-    click.echo("Ctrl-C drains and stops everything (a child that dies is restarted).")
+    lines = [head,
+             f"  broker      {info['broker']}{'  (embedded Tansu, memory-only)' if info['broker_embedded'] else ''}",
+             f"  postgres    {info['postgres_dsn']}{'  (embedded)' if info['postgres_embedded'] else ''}",
+             f"  scp         {scp['aet']}@{scp['host']}:{scp['port']}  (C-STORE)",
+             _tenant_line(settings, embedded=bool(info["broker_embedded"])),
+             *(f"  worker      {w['web']}  metrics {w['metrics']}" for w in info["workers"]),
+             f"  doris       {info['doris']}",
+             f"  storage     {info['storage_root']}",
+             f"  logs        {info['logs']}",
+             "Ctrl-C drains and stops everything (a child that dies is restarted)."]
+    click.echo("\n".join(lines))
     sys.exit(stack.supervise())
 
 

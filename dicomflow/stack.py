@@ -122,6 +122,10 @@ class Stack:
     children: list[Child] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     _stopping: bool = False
+    #: A second stop signal: children are killed at once instead of drained (the journal and
+    #: the index keep what was acknowledged, as after any SIGKILL).
+    _hurry: bool = False
+    _supervising: bool = False
     _next_server_check: float = 0.0
     _next_recycle_check: float = 0.0
     _last_recycle: float = 0.0
@@ -163,11 +167,14 @@ class Stack:
         else:
             dsn = s.postgres_dsn.get()
         for i in range(self.workers):
+            if self._stopping:
+                break  # asked to stop while starting: start nothing more (see request_stop)
             wenv = dict(env, DICOMFLOW_WEB_PORT=str(s.web_port + i), DICOMFLOW_WORKER_ID=f"{s.worker_id}-{i}")
             self._spawn(Child(f"worker-{i}", [sys.executable, "-m", "dicomflow.cli", "worker"], wenv))
-        if env.get("DICOMFLOW_JOURNAL") == "1" or s.journal:
+        if (env.get("DICOMFLOW_JOURNAL") == "1" or s.journal) and not self._stopping:
             self._spawn(Child("relay", [sys.executable, "-m", "dicomflow.cli", "relay"], env))
-        self._spawn(Child("scp", [sys.executable, "-m", "dicomflow.cli", "scp"], env))
+        if not self._stopping:
+            self._spawn(Child("scp", [sys.executable, "-m", "dicomflow.cli", "scp"], env))
         self.info = {
             "pid": os.getpid(),
             "broker": broker_url,
@@ -232,8 +239,19 @@ class Stack:
         return self._stopping
 
     def request_stop(self, signum: int = signal.SIGTERM, frame: Any = None) -> None:
-        """SIGINT/SIGTERM: drain and stop (honoured by :meth:`supervise`, also if it came first)."""
+        """SIGINT/SIGTERM: drain and stop (honoured by :meth:`supervise`, also if it came first).
+        A second one hurries the stop: children still running are killed, not waited for."""
+        if self._stopping:
+            if not self._hurry:
+                self._hurry = True
+                _say("dicomflow: stop asked again: killing what is still running (nothing acknowledged is "
+                     "lost: the journal and the index keep it)")
+            return
         self._stopping = True
+        if not self._supervising:
+            # The stack is still starting (PostgreSQL's first start takes a while): say it was heard.
+            _say("dicomflow: stop asked while starting: nothing more is started; what started drains "
+                 "and stops (ask again to kill it)")
 
     def catch_stop_signals(self) -> None:
         """Take SIGINT and SIGTERM as a stop request from now on. Installed before the stack
@@ -245,6 +263,7 @@ class Stack:
     def supervise(self) -> int:
         """Keep the children running until a signal; then drain and stop. Returns an exit code."""
         self.catch_stop_signals()
+        self._supervising = True
         while not self._stopping:
             self.tend(time.monotonic())
             time.sleep(0.2)
@@ -418,9 +437,10 @@ class Stack:
                     c.last_exit = c.proc.returncode
             live = [c for c in live if c.running]
             now = time.monotonic()
-            if live and now >= started + grace:
+            if live and (now >= started + grace or self._hurry):
                 for c in live:
-                    log.warning("%s did not stop within %.0f s; killing it", c.name, grace)
+                    log.warning("%s: killing it (%s)", c.name,
+                                "stop asked again" if self._hurry else f"did not stop within {grace:.0f} s")
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(c.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
                     c.proc.wait()  # type: ignore[union-attr]
@@ -434,3 +454,9 @@ class Stack:
                           f"{now - started:.0f} s of {grace:.0f} s)")
                 next_note = now + 5.0
             time.sleep(0.1)
+
+
+def _say(line: str) -> None:
+    """A line on stderr from a signal handler: one unbuffered write, never a reentrant print."""
+    with contextlib.suppress(OSError):
+        os.write(2, (line + "\n").encode())

@@ -7,7 +7,23 @@ acked, nor any event after it on the same partition.
 
 from __future__ import annotations
 
-from tables.series import HeldWindows
+import asyncio
+import time
+from datetime import date
+from types import SimpleNamespace
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from agents.series_held import HeldSeriesStage, SeriesInstance
+from dicomflow.embedded.broker import EmbeddedBroker
+from schemas import codec
+from schemas.records import DicomStateMeta
+from sinks.series_facts import SeriesFacts
+from streams.broker import ensure_topics
+from streams.topology import STATE
+from tables.series import HeldWindows, window_start
 
 P0 = ("storage_queue", 0)
 P1 = ("storage_queue", 1)
@@ -65,3 +81,106 @@ def test_clear_returns_every_held_event() -> None:
     held.hold(P1, 7, "f7")
     assert sorted(held.clear()) == ["e1", "f7"]
     assert held.open_count() == 0 and held.held_count() == 0 and held.partitions() == set()
+
+
+# -- quiet close (issue #15 review) --------------------------------------------------------
+
+class _Event:
+    def __init__(self, offset: int) -> None:
+        self.message = SimpleNamespace(topic=P0[0], partition=P0[1], offset=offset, timestamp=0.0)
+        self.acked = False
+
+    def ack(self) -> bool:
+        self.acked = True
+        return True
+
+
+class _StateTopic:
+    """The app's state queue, sending to a real broker as Faust's ``topic.send`` does (a future)."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self.producer = producer
+
+    async def send(self, *, key: bytes, value: bytes) -> Any:
+        return await self.producer.send(STATE, key=key, value=value, partition=0)
+
+
+class _App(SimpleNamespace):
+    """What the stage uses of the Faust app (weak-referenceable and hashable, as the app is)."""
+
+    __hash__ = object.__hash__
+
+
+def _instance(offset: int, timestamp: float) -> SeriesInstance:
+    state = DicomStateMeta(tenant_id="t-quiet", patient_id="p", study_uid="1.2", series_uid="1.2.3",
+                           study_uid_hash="1", series_uid_hash="2", study_date_origin="20240101", study_date=date(2024, 1, 1),
+                           accession_number="A")
+    msg = {"sop_uid": f"1.2.3.{offset}", "state": codec.to_row(state), "path": None}
+    return (P0[0], P0[1], offset, timestamp, b"t-quiet/1.2.3", msg)
+
+
+async def _states(broker: EmbeddedBroker) -> list[dict[str, Any]]:
+    consumer = AIOKafkaConsumer(STATE, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        batch = await consumer.getmany(timeout_ms=2000)
+        return [orjson.loads(r.value) for records in batch.values() for r in records]
+    finally:
+        await consumer.stop()
+
+
+async def test_a_series_whose_window_crossed_a_boundary_still_closes_when_quiet(
+        fresh_broker: EmbeddedBroker, pg_dsn: str) -> None:
+    """A window flushed at its end (or at 500 instances) is no quiet close, so it must not hold
+    back the quiet close of the series' next window: only quiet closes are spaced by a window
+    length (they bound what a sender that pauses and resumes costs)."""
+    window, quiet = 3600.0, 0.2
+    await ensure_topics(fresh_broker.bootstrap, [STATE], 1)
+    producer = AIOKafkaProducer(bootstrap_servers=fresh_broker.bootstrap)
+    await producer.start()
+    facts = SeriesFacts(pg_dsn)
+    await facts.start()
+    highwater = {P0: 0}
+    app = _App(bootstrap=fresh_broker.bootstrap, settings=SimpleNamespace(app_id="quiet-test"),
+                          should_stop=False, rebalancing=False, queues=SimpleNamespace(state=_StateTopic(producer)),
+                          consumer=SimpleNamespace(highwater=lambda tp: highwater[(tp.topic, tp.partition)]))
+    stage = HeldSeriesStage(app, window, facts, quiet)  # type: ignore[arg-type]
+    events = [_Event(offset) for offset in range(5)]
+
+    async def feed(offsets: range, timestamp: float) -> None:
+        stage.add([_instance(o, timestamp) for o in offsets])
+        highwater[P0] = offsets[-1] + 1
+        await stage.hold([events[o] for o in offsets])
+
+    async def flushes_reach(n: int, within: float) -> bool:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            await stage.flush_closed()
+            if stage.counters["flushes"] >= n:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    try:
+        now = time.time()
+        # Two instances in the previous window (over): flushed at its end, not as a quiet close.
+        await feed(range(0, 2), window_start(now, window) - 10)
+        assert await flushes_reach(1, 5)
+        assert stage.counters["quiet_closes"] == 0
+        # Two more in the current window, which ends up to an hour from now: closed once quiet.
+        await feed(range(2, 4), now)
+        assert await flushes_reach(2, 5), "the second window waited for its end after a boundary flush"
+        assert stage.counters["quiet_closes"] == 1
+        assert [e.acked for e in events[:4]] == [True] * 4
+        # The same window again, quiet again at once: quiet closes stay a window length apart.
+        await feed(range(4, 5), now)
+        assert not await flushes_reach(3, 4 * quiet + 1)
+        assert stage.windows.open_count() == 1 and not events[4].acked
+        states = await _states(fresh_broker)
+        assert [(s["series_related_instances"], s["version"]) for s in states] == [(2, 1), (4, 2)]
+        assert (await facts.record("t-quiet", "1.2", "1.2.3", [])).count == 4
+    finally:
+        stage.release_held()
+        await facts.stop()
+        await producer.stop()

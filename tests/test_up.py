@@ -157,24 +157,58 @@ async def test_a_second_up_on_a_live_home_is_refused(tmp_path: Path) -> None:
     assert code == 0
 
 
-async def test_a_stop_asked_while_up_is_still_starting_drains_instead_of_killing_it(tmp_path: Path) -> None:
-    """SIGTERM (a service manager, the tests' own stop) can come before the stack is supervised:
-    while the broker, PostgreSQL and the children are being started, or while the banner is
-    printed. It used to kill `up` outright (exit -15, nothing drained); it is now honoured as a
-    stop once the stack is started: exit 0, every child gone."""
-    up = UpProcess(tmp_path)
+def _start_up(up: UpProcess) -> None:
     with open(up.log, "ab") as out:
         up.proc = subprocess.Popen([sys.executable, "-m", "dicomflow.cli", "up"], env=up.env, cwd=REPO,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    # Mid-start: the broker is listening, the rest is still starting.
-    await up.wait_for(lambda: "embedded broker listening" in up.text(), 120)
-    assert "dicomflow is up" not in up.text()
-    os.kill(up.proc.pid, signal.SIGTERM)  # to `up` alone, as a service manager's stop does
-    code = up.proc.wait(timeout=120)
+
+
+async def test_a_stop_asked_while_up_is_still_starting_drains_instead_of_killing_it(tmp_path: Path) -> None:
+    """SIGTERM (a service manager, the tests' own stop) can come before the stack is supervised:
+    while the children start, or while the banner is printed. It used to kill `up` outright
+    (exit -15, children half up); it is now honoured as a stop once the stack is started:
+    exit 0, every child gone, the ports closed."""
+    up = UpProcess(tmp_path)
+    _start_up(up)
+    # Mid-start: the children are spawned (stack.json lists them), the SCP is not accepting yet.
+    await up.wait_for(lambda: bool(up.stack().get("children")), 120)
+    children = [c["pid"] for c in up.stack()["children"].values()]
+    assert len(children) == 3 and up.processes(), up.stack()  # worker, relay, scp; and the servers
+    os.kill(up.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]  # to `up` alone, as a service manager does
+    code = up.proc.wait(timeout=120)  # type: ignore[union-attr]
     assert code == 0, up.text()[-3000:]
-    pids = [c["pid"] for c in up.stack().get("children", {}).values()]
-    deadline = time.monotonic() + 30
-    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-    assert all(_gone(p) for p in pids), [p for p in pids if not _gone(p)]
+    assert "stop asked while starting" in up.text() and "dicomflow is up" not in up.text(), up.text()[-3000:]
+    await up.wait_no_processes()
+    assert all(_gone(p) for p in children)
     assert not wait_for_port("127.0.0.1", up.scp_port, 0.2)
+    assert not wait_for_port("127.0.0.1", up.broker_port, 0.2)
+
+
+async def test_a_stop_asked_before_the_children_start_starts_none_of_them(tmp_path: Path) -> None:
+    """Asked while the broker and PostgreSQL are still starting (PostgreSQL's first start takes
+    seconds), `up` starts no child at all, stops the servers and exits 0; a second stop signal
+    is not needed, but it is accepted."""
+    up = UpProcess(tmp_path)
+    _start_up(up)
+    await up.wait_for(lambda: "embedded broker listening" in up.text(), 120)
+    os.kill(up.proc.pid, signal.SIGINT)  # type: ignore[union-attr]  # Ctrl-C
+    code = up.proc.wait(timeout=120)  # type: ignore[union-attr]
+    assert code == 0, up.text()[-3000:]
+    assert "stop asked while starting" in up.text(), up.text()[-3000:]
+    assert not (up.home / "logs" / "scp.log").exists() and not (up.home / "logs" / "worker-0.log").exists()
+    await up.wait_no_processes()
+    assert not wait_for_port("127.0.0.1", up.broker_port, 0.2)
+
+
+async def test_a_second_stop_signal_kills_instead_of_draining(tmp_path: Path) -> None:
+    """Ctrl-C twice: the drain (up to a minute with a stuck destination) is cut short; every
+    child is killed, which loses nothing acknowledged (the journal keeps it), and `up` exits 0."""
+    up = UpProcess(tmp_path)
+    await up.start()
+    os.kill(up.proc.pid, signal.SIGINT)  # type: ignore[union-attr]
+    await up.wait_for(lambda: "dicomflow: stopping" in up.text(), 30)
+    os.kill(up.proc.pid, signal.SIGINT)  # type: ignore[union-attr]
+    code = up.proc.wait(timeout=60)  # type: ignore[union-attr]
+    assert code == 0, up.text()[-3000:]
+    assert "stop asked again" in up.text(), up.text()[-3000:]
+    await up.wait_no_processes()

@@ -46,6 +46,29 @@ class UpProcess:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def processes(self) -> list[int]:
+        """Every live process of this home (up, its children, the broker, PostgreSQL): those
+        started with its DICOMFLOW_HOME, found in /proc whatever stack.json says."""
+        mark = f"DICOMFLOW_HOME={self.home}".encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if (entry / "stat").read_text().split(") ")[1].split()[0] == "Z":
+                    continue  # a zombie nobody reaped yet is gone for our purposes
+                if mark in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except (OSError, IndexError):
+                continue
+        return pids
+
+    async def wait_no_processes(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while (left := self.processes()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert not left, f"still running after the stop: {left}"
+
     def stack(self) -> dict[str, Any]:
         try:
             return orjson.loads((self.home / "stack.json").read_bytes())
