@@ -277,6 +277,14 @@ class BrokerSecurity:
         return " ".join(parts)
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (the first is the default), case-insensitive."""
+    raw = (env.get(name) or choices[0]).lower()
+    if raw not in choices:
+        raise ConfigError(f"{name} must be {' or '.join(choices)}, got {raw!r}", field=name)
+    return raw
+
+
 def _profile(env: Mapping[str, str], broker: str | None) -> str:
     raw = (env.get("DICOMFLOW_BROKER_PROFILE") or ("tansu" if broker is None else "kafka")).lower()
     if raw not in ("tansu", "kafka"):
@@ -332,6 +340,8 @@ class Settings:
     embedded_broker_port: int
     replication: int
     workers: int = 1
+    #: Who serves the SCP's associations: asyncio (default) or pynetdicom (feeders.scp.config).
+    scp_engine: str = "asyncio"
     #: Feeders acknowledge once an event is in the journal under ``home``, and a relay publishes
     #: it (the embedded stack, whose broker keeps nothing across a restart).
     journal: bool = False
@@ -476,6 +486,7 @@ class Settings:
             embedded_broker_port=_int(env, "DICOMFLOW_EMBEDDED_BROKER_PORT", 19092, minimum=1),
             replication=_int(env, "DICOMFLOW_REPLICATION", 1, minimum=1),
             workers=_int(env, "DICOMFLOW_WORKERS", 1, minimum=1),
+            scp_engine=_choice(env, "DICOMFLOW_SCP_ENGINE", ("asyncio", "pynetdicom")),
             journal=_flag(env, "DICOMFLOW_JOURNAL", default=False),
             relay_drain_seconds=_float(env, "DICOMFLOW_RELAY_DRAIN_SECONDS", 45.0, minimum=0.0),
             broker_recycle_mb=_int(env, "DICOMFLOW_BROKER_RECYCLE_MB", 512, minimum=0),

@@ -187,16 +187,14 @@ async def publisher(broker: EmbeddedBroker) -> AsyncIterator[EventPublisher]:
 ScpFactory = Callable[..., StorageSCP]
 
 
-@pytest.fixture
-async def start_scp(tmp_path: Path) -> AsyncIterator[ScpFactory]:
-    """Start an SCP on a free loopback port: ``start_scp(publisher, tenancy=..., **config)``."""
+async def _scp_factory(tmp_path: Path, engine: str) -> AsyncIterator[ScpFactory]:
     started: list[StorageSCP] = []
 
     def factory(pub: Any, *, tenancy: TenantResolver | None = None, **overrides: Any) -> StorageSCP:
         config = ScpConfig(
             storage_root=overrides.pop("storage_root", tmp_path / "storage"),
             tenancy=tenancy or TenantResolver(by_calling_ae={"MODALITY": "hospital-a"}),
-            ae_title=SCP_AET, host="127.0.0.1", port=0, worker_node_id="test-worker",
+            ae_title=SCP_AET, host="127.0.0.1", port=0, worker_node_id="test-worker", engine=engine,
             **overrides,
         )
         scp = StorageSCP(config, pub)
@@ -207,6 +205,21 @@ async def start_scp(tmp_path: Path) -> AsyncIterator[ScpFactory]:
     yield factory
     for scp in started:
         await scp.aclose(grace_s=5.0)
+
+
+@pytest.fixture(params=["asyncio", "pynetdicom"])
+async def start_scp(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[ScpFactory]:
+    """Start an SCP on a free loopback port: ``start_scp(publisher, tenancy=..., **config)``; every
+    test that uses it runs on both engines (feeders.scp.acceptor, and pynetdicom's)."""
+    async for factory in _scp_factory(tmp_path, request.param):
+        yield factory
+
+
+@pytest.fixture
+async def start_pynetdicom_scp(tmp_path: Path) -> AsyncIterator[ScpFactory]:
+    """The pynetdicom engine only (tests of its reactors)."""
+    async for factory in _scp_factory(tmp_path, "pynetdicom"):
+        yield factory
 
 
 @pytest.fixture
@@ -953,12 +966,12 @@ def _thread_cpu_ticks(native_ids: list[int]) -> int:
 
 
 async def test_an_open_association_does_not_poll(
-    tmp_path: Path, broker: EmbeddedBroker, publisher: EventPublisher, start_scp: ScpFactory,
+    tmp_path: Path, broker: EmbeddedBroker, publisher: EventPublisher, start_pynetdicom_scp: ScpFactory,
 ) -> None:
     """pynetdicom's reactors poll every millisecond (about 0.13 of a core per association, measured);
     the SCP's reactors wait for work instead (feeders.scp.reactor), and stores still go through."""
     study = make_study(tmp_path / "in", n_series=1, n_instances=3)
-    scp = start_scp(publisher)
+    scp = start_pynetdicom_scp(publisher)
     host, port = scp.address
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)

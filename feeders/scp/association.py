@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from feeders.scp.config import ScpConfig
 
 __all__ = ["STORAGE_TRANSFER_SYNTAXES", "server_ssl_context", "build_ae", "peer", "peer_certificate_cn",
-           "on_connection_open", "handle_association_request"]
+           "on_connection_open", "handle_association_request", "admit", "certificate_cn", "accepted_syntaxes",
+           "storage_sop_classes"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,16 @@ def server_ssl_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSL
     return ctx
 
 
+def accepted_syntaxes(config: ScpConfig) -> list[str]:
+    """The transfer syntaxes accepted for every storage SOP class, in order of preference."""
+    return list(dict.fromkeys((*STORAGE_TRANSFER_SYNTAXES, *config.extra_transfer_syntaxes)))
+
+
+def storage_sop_classes() -> frozenset[str]:
+    """Every storage SOP class pynetdicom knows (the abstract syntaxes the SCP accepts)."""
+    return frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts if cx.abstract_syntax)
+
+
 def build_ae(config: ScpConfig) -> AE:
     """The acceptor AE: every storage SOP class in every syntax we store, plus Verification."""
     ae = AE(ae_title=config.ae_title)
@@ -86,7 +97,7 @@ def build_ae(config: ScpConfig) -> AE:
     # Any called AE title is accepted: with tenant_by_called_ae one listener serves
     # several titles, and the tenancy check at association time is what gates access.
     ae.require_called_aet = False
-    syntaxes = list(dict.fromkeys((*STORAGE_TRANSFER_SYNTAXES, *config.extra_transfer_syntaxes)))
+    syntaxes = accepted_syntaxes(config)
     for cx in AllStoragePresentationContexts:
         if cx.abstract_syntax is not None:
             ae.add_supported_context(cx.abstract_syntax, syntaxes)
@@ -126,6 +137,11 @@ def peer_certificate_cn(assoc: Association) -> str | None:
         cert = sock.getpeercert()
     except (OSError, ValueError):
         return None
+    return certificate_cn(cert)
+
+
+def certificate_cn(cert: Any) -> str | None:
+    """The common name of a verified peer certificate (``getpeercert()``'s dict), or None."""
     subject: Any = (cert or {}).get("subject", ())
     names = [str(value) for rdn in subject for key, value in rdn if key == "commonName"]
     return names[-1] if names else None
@@ -135,18 +151,24 @@ def on_connection_open(event: Event) -> None:
     no_delay(event.assoc)
 
 
-def handle_association_request(event: Event, tenancy: TenantResolver) -> None:
-    """EVT_REQUESTED: reject an association that no tenant can be resolved for."""
-    calling, called, ip = peer(event.assoc)
-    cert_cn = peer_certificate_cn(event.assoc)
+def admit(tenancy: TenantResolver, calling: str, called: str, ip: str, cert_cn: str | None) -> bool:
+    """Whether a tenant can be resolved for an association; logged either way."""
     local = _is_loopback(ip)
     resolved = tenancy.for_peer(cert_cn).for_association(calling, called, local=local)
     if resolved is not None:
         log.info("association accepted calling_ae=%s called_ae=%s source_ip=%s cert_cn=%s tenant=%s "
                  "tenant_source=%s", calling, called, ip, cert_cn, resolved.tenant, resolved.source)
-        return
+        return True
     log.warning("association rejected reason=%s calling_ae=%s called_ae=%s source_ip=%s cert_cn=%s",
                 tenancy.refusal_reason(local=local), calling, called, ip, cert_cn)
+    return False
+
+
+def handle_association_request(event: Event, tenancy: TenantResolver) -> None:
+    """EVT_REQUESTED: reject an association that no tenant can be resolved for."""
+    calling, called, ip = peer(event.assoc)
+    if admit(tenancy, calling, called, ip, peer_certificate_cn(event.assoc)):
+        return
     event.assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SERVICE_USER, _RJ_CALLING_AE)
     # As pynetdicom's own ACSE rejection does: wait for the peer to take the
     # A-ASSOCIATE-RJ and close, so it sees a rejection rather than a dropped socket.

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -20,6 +21,7 @@ from pynetdicom import dimse_messages as _dimse_messages
 
 from core.errors import ConfigError
 from feeders.scp import reactor
+from feeders.scp.acceptor import Acceptor
 from feeders.scp.association import (
     build_ae,
     handle_association_request,
@@ -95,10 +97,17 @@ class StorageSCP:
         self._saved_chunked: bool | None = None
         self._saved_spool: Any = None
         self._bridge: LoopBridge | None = None
+        #: The asyncio engine's acceptor, the loop and thread it serves on, and its bound address.
+        self._acceptor: Acceptor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._address: tuple[str, int] | None = None
 
     @property
     def address(self) -> tuple[str, int]:
         """The bound (host, port); the real port when the config asked for 0."""
+        if self._address is not None:
+            return self._address
         if self._server is None:
             raise RuntimeError("the SCP is not started")
         host, port = self._server.server_address[:2]
@@ -106,11 +115,11 @@ class StorageSCP:
 
     @property
     def running(self) -> bool:
-        return self._server is not None
+        return self._server is not None or self._acceptor is not None
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Bind and serve in background threads. Without ``loop``, the running loop is used."""
-        if self._server is not None:
+        if self.running:
             raise RuntimeError("the SCP is already started")
         if loop is None:
             try:
@@ -129,6 +138,10 @@ class StorageSCP:
             bridge=self._bridge,
             worker_node_id=config.worker_node_id,
         )
+        config.storage_root.mkdir(parents=True, exist_ok=True)
+        if config.engine == "asyncio":
+            self._start_acceptor(loop, deps, ssl_context)
+            return
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, on_connection_open),
             (evt.EVT_CONN_OPEN, _wake_reactors),
@@ -136,7 +149,6 @@ class StorageSCP:
             (evt.EVT_REQUESTED, handle_association_request, [config.tenancy]),
             (evt.EVT_C_STORE, _store_or_refuse, [deps]),
         ]
-        config.storage_root.mkdir(parents=True, exist_ok=True)
         ae = build_ae(config)
         self._saved_chunked = _config.STORE_RECV_CHUNKED_DATASET
         _config.STORE_RECV_CHUNKED_DATASET = config.spool_to_disk
@@ -150,6 +162,33 @@ class StorageSCP:
             self._restore_config()
             raise
         self._server = cast("ThreadedAssociationServer", server)
+        self._listening()
+
+    def _start_acceptor(self, loop: asyncio.AbstractEventLoop, deps: StoreDeps, ssl_context: Any) -> None:
+        """The acceptor serves on a loop and thread of its own: the publisher's loop (``loop``)
+        only publishes, and the SCP serves whether or not that loop runs (the journal needs none)."""
+        config = self.config
+        # Bound here, so the port is known (and connections queue) before the server runs.
+        sock = socket.create_server((config.host, config.port), backlog=max(16, config.max_associations))
+        acceptor = Acceptor(config, deps, ssl_context)
+        own = asyncio.new_event_loop()
+        thread = threading.Thread(target=own.run_forever, name="scp-acceptor", daemon=True)
+        thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(acceptor.serve(sock), own).result(30.0)
+        except BaseException:
+            own.call_soon_threadsafe(own.stop)
+            thread.join(10.0)
+            own.close()
+            sock.close()
+            raise
+        self._acceptor, self._loop, self._thread = acceptor, own, thread
+        host, port = sock.getsockname()[:2]
+        self._address = (str(host), int(port))
+        self._listening()
+
+    def _listening(self) -> None:
+        config = self.config
         host, port = self.address
         tenancy = config.tenancy
         if not (tenancy.by_calling_ae or tenancy.by_called_ae or tenancy.default_tenant):
@@ -160,6 +199,10 @@ class StorageSCP:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting, let running associations finish for ``grace_s``, abort the rest."""
+        acceptor, self._acceptor = self._acceptor, None
+        if acceptor is not None:
+            self._stop_acceptor(acceptor, grace_s)
+            return
         server, self._server = self._server, None
         if server is None:
             return
@@ -173,6 +216,25 @@ class StorageSCP:
                 assoc.abort()
         finally:
             self._restore_config()
+            bridge, self._bridge = self._bridge, None
+            if bridge is not None:
+                bridge.close()
+        log.info("scp stopped")
+
+    def _stop_acceptor(self, acceptor: Acceptor, grace_s: float) -> None:
+        own, thread = self._loop, self._thread
+        self._loop, self._thread, self._address = None, None, None
+        try:
+            if own is not None:
+                try:
+                    asyncio.run_coroutine_threadsafe(acceptor.close(grace_s), own).result(grace_s + 30.0)
+                finally:
+                    own.call_soon_threadsafe(own.stop)
+                    if thread is not None:
+                        thread.join(10.0)
+                    if not own.is_running():
+                        own.close()
+        finally:
             bridge, self._bridge = self._bridge, None
             if bridge is not None:
                 bridge.close()

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from pynetdicom.events import Event
 
 __all__ = ["SUCCESS", "OUT_OF_RESOURCES", "DATASET_MISMATCH", "CANNOT_UNDERSTAND", "NOT_AUTHORISED", "StoreDeps",
-           "handle_store"]
+           "StoreRequest", "handle_store", "store_instance"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,21 @@ class StoreDeps:
     worker_node_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class StoreRequest:
+    """One C-STORE as either acceptor received it: who sent it, and the Part 10 bytes (in a
+    spool file under the storage root, or in memory)."""
+
+    calling_ae: str
+    called_ae: str
+    source_ip: str
+    transfer_syntax: str
+    #: The command's Affected SOP Instance UID (used when the data set has none).
+    affected_sop_uid: str | None
+    spool: Path | None = None
+    data: bytes | None = None
+
+
 def _valid_uid(value: str | None) -> bool:
     return value is not None and 0 < len(value) <= _UID_MAX
 
@@ -83,29 +98,34 @@ def _revoke(placement: Placement, trace_id: str) -> None:
 
 
 def handle_store(event: Event, deps: StoreDeps) -> int:
-    """EVT_C_STORE: store as received, publish, and answer truthfully."""
+    """EVT_C_STORE (pynetdicom): store as received, publish, and answer truthfully."""
+    calling, called, ip = peer(event.assoc)
+    spool = _spool_path(event)
+    return store_instance(StoreRequest(
+        calling, called, ip, str(event.context.transfer_syntax),
+        str(getattr(event.request, "AffectedSOPInstanceUID", "") or "") or None,
+        spool=spool, data=event.encoded_dataset() if spool is None else None), deps)
+
+
+def store_instance(req: StoreRequest, deps: StoreDeps) -> int:
+    """Store as received, publish, and answer truthfully: the DIMSE status to send."""
     started = time.monotonic()
     trace_id = str(uuid.uuid4())
-    calling, called, ip = peer(event.assoc)
+    calling, called, ip = req.calling_ae, req.called_ae, req.source_ip
     assoc_tenant: AssociationTenant | None = deps.tenancy.for_association(calling, called)
-    if assoc_tenant is None:  # only if the EVT_REQUESTED check was not bound
+    if assoc_tenant is None:  # only if the association's own check was not bound
         log.warning("store refused trace_id=%s reason=no_tenant calling_ae=%s", trace_id, calling)
         return NOT_AUTHORISED
-    transfer_syntax = str(event.context.transfer_syntax)
-    spool = _spool_path(event)
-    data: bytes | None = None
+    transfer_syntax = req.transfer_syntax
+    spool, data = req.spool, req.data
     try:
-        if spool is None:
-            data = event.encoded_dataset()
-            header = read_instance_header(data)
-        else:
-            header = read_instance_header(spool)
+        header = read_instance_header(data if spool is None else spool)  # type: ignore[arg-type]
     except (ExtractionError, FileAccessError) as exc:
         log.warning("store refused trace_id=%s reason=undecodable calling_ae=%s source_ip=%s error=%s",
                     trace_id, calling, ip, exc.message)
         return CANNOT_UNDERSTAND
     study_uid, series_uid = header.study_uid, header.series_uid
-    sop_uid = header.sop_uid or str(getattr(event.request, "AffectedSOPInstanceUID", "") or "") or None
+    sop_uid = header.sop_uid or req.affected_sop_uid or None
     if not (_valid_uid(study_uid) and _valid_uid(series_uid) and _valid_uid(sop_uid)):
         log.warning("store refused trace_id=%s reason=missing_uid calling_ae=%s study_uid=%r "
                     "series_uid=%r sop_uid=%r", trace_id, calling, study_uid, series_uid, sop_uid)
@@ -114,10 +134,10 @@ def handle_store(event: Event, deps: StoreDeps) -> int:
     tenant = deps.tenancy.for_instance(assoc_tenant, header.private_tenant)
     relpath = deps.store.relpath(tenant, header.study_date, study_uid, series_uid, sop_uid)
     try:
-        if data is not None:
-            placement = deps.store.write_bytes(relpath, data)
+        if spool is None:
+            placement = deps.store.write_bytes(relpath, cast(bytes, data))
         else:
-            placement = deps.store.adopt_file(relpath, cast(Path, spool))
+            placement = deps.store.adopt_file(relpath, spool)
     except OSError as exc:
         log.error("store failed trace_id=%s reason=write path=%s error=%s", trace_id, relpath, exc)
         return OUT_OF_RESOURCES
