@@ -2,9 +2,11 @@
 
 One module per concern:
 
+* :mod:`feeders.scp.acceptor` and :mod:`feeders.scp.ul`: the default engine, associations on
+  asyncio (``DICOMFLOW_SCP_ENGINE=pynetdicom`` serves them with pynetdicom's providers instead);
 * :mod:`feeders.scp.association`: accepted contexts, TLS policy, the tenancy check per association;
 * :mod:`feeders.scp.store`: the C-STORE handler (read the header, place the file, publish, answer);
-* :mod:`feeders.scp.bridge`: publishing from pynetdicom's threads on the publisher's asyncio loop;
+* :mod:`feeders.scp.bridge`: publishing from the store threads (either engine's) on the publisher's asyncio loop;
 * :mod:`feeders.scp.config`: :class:`ScpConfig`;
 * :mod:`feeders.scp.server`: :class:`StorageSCP` (started *from* a loop; ``start()`` and
   ``stop()`` do not block it) and :func:`serve`, the standalone form (``dicomflow scp``).

@@ -180,7 +180,13 @@ class Acceptor:
         peername = writer.get_extra_info("peername") or ("", 0)
         ip = str(peername[0])
         cert_cn = certificate_cn(writer.get_extra_info("peercert")) if self.ssl_context else None
-        kind, body = await self._read(reader, config.acse_timeout_s, _MAX_RQ_LENGTH)
+        try:
+            kind, body = await self._read(reader, config.acse_timeout_s, _MAX_RQ_LENGTH)
+        except TimeoutError:
+            # No association yet: the connection is closed, no A-ABORT (PS3.8 AA-2 on ARTIM expiry).
+            log.info("connection closed: no association request within %s s source_ip=%s",
+                     config.acse_timeout_s, ip)
+            raise _Closed from None
         if kind != ul.A_ASSOCIATE_RQ:
             raise ul.UlError(f"PDU 0x{kind:02X} before any association")
         rq = ul.parse_associate_rq(body)
