@@ -10,6 +10,7 @@ disk and lines in the journal.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import time
@@ -343,3 +344,121 @@ def test_a_command_it_does_not_serve_is_answered_unrecognised(tmp_path: Path, jo
     finally:
         peer.close()
     assert scp.journaled() == [ds.SOPInstanceUID]
+
+
+# ----------------------------------------------------------------------------- hostile or broken peers
+
+
+def _command_pdu(elements: list[tuple[int, bytes]], *, last: bool = True) -> bytes:
+    """A P-DATA-TF carrying a hand-made command set (group 0000, Implicit VR Little Endian)."""
+    body = b"".join(struct.pack("<HHI", 0, e, len(v)) + v for e, v in elements)
+    pdv = struct.pack(">IBB", len(body) + 2, 1, 0x03 if last else 0x01) + body
+    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+
+
+def _aborted(peer: RawPeer) -> bool:
+    try:
+        kind, _ = peer.pdu()
+    except ConnectionError:
+        return False
+    return kind == 0x07
+
+
+@pytest.mark.parametrize("bad", ["command-field-of-one-byte", "endless-command-set", "non-ascii-sop-class"])
+def test_a_malformed_command_aborts_its_association_and_the_server_goes_on(tmp_path: Path, journal_scp: Any,
+                                                                           bad: str) -> None:
+    scp = journal_scp()
+    peer = RawPeer(scp.port)
+    peer.associate([(CTImageStorage, ExplicitVRLittleEndian)])
+    if bad == "command-field-of-one-byte":
+        peer.sock.sendall(_command_pdu([(0x0100, b"\x01"), (0x0110, b"\x01\x00"), (0x0800, b"\x01\x01")]))
+    elif bad == "endless-command-set":
+        chunk = _command_pdu([(0x0002, b"1" * 16_000)], last=False)
+        for _ in range(6):  # ~96 KB of command set, never its last fragment
+            peer.sock.sendall(chunk)
+    else:
+        peer.sock.sendall(_command_pdu([(0x0002, "1.2.\u00e9".encode("latin-1")), (0x0100, b"\x01\x00"),
+                                        (0x0110, b"\x01\x00"), (0x0800, b"\x00\x00"),
+                                        (0x1000, b"1.2.3.4\x00")]))
+    assert _aborted(peer), "the association was not aborted with an A-ABORT"
+    peer.close()
+    ds = _clone(tmp_path)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title=SCP_AET)
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    assert scp.journaled() == [ds.SOPInstanceUID] and not scp.spooled()
+
+
+def test_a_spool_that_cannot_be_written_answers_out_of_resources(tmp_path: Path, journal_scp: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    scp = journal_scp()
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    ds = _clone(tmp_path)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title=SCP_AET)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr("feeders.scp.acceptor.tempfile.mkstemp", full)
+            assert assoc.send_c_store(ds).Status == 0xA700
+        assert assoc.send_c_store(ds).Status == 0x0000  # the same association, the disk back
+    finally:
+        assoc.release()
+    assert scp.journaled() == [ds.SOPInstanceUID] and len(scp.stored()) == 1
+
+
+def test_a_defect_in_the_store_answers_a_failure_not_a_hang(tmp_path: Path, journal_scp: Any,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    scp = journal_scp()
+
+    def broken(*args: Any) -> int:
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr("feeders.scp.acceptor.store_instance", broken)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title=SCP_AET)
+    try:
+        assert assoc.send_c_store(_clone(tmp_path)).Status == 0xC211
+        assert assoc.is_established
+    finally:
+        assoc.release()
+    assert scp.journaled() == [] and not scp.spooled()
+
+
+def test_connections_that_never_associate_take_no_association_slot(journal_scp: Any) -> None:
+    """Health checks and port scans open TCP connections and say nothing: they must not make
+    the SCP refuse a real sender while the limit is not reached."""
+    scp = journal_scp(max_associations=1)
+    idle = [RawPeer(scp.port) for _ in range(3)]
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title=SCP_AET)
+        assert assoc.is_established
+        assoc.release()
+    finally:
+        for peer in idle:
+            peer.close()
+
+
+def test_spool_files_a_killed_scp_left_are_swept_at_start(tmp_path: Path) -> None:
+    spool = tmp_path / "storage" / SPOOL_DIR
+    spool.mkdir(parents=True)
+    old, recent = spool / ".rx-left-by-a-kill", spool / ".rx-another-scp-writing"
+    old.write_bytes(b"partial")
+    recent.write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    scp = JournalScp(tmp_path)
+    try:
+        assert not old.exists() and recent.exists()
+    finally:
+        scp.stop()

@@ -21,7 +21,7 @@ from pynetdicom import dimse_messages as _dimse_messages
 
 from core.errors import ConfigError
 from feeders.scp import reactor
-from feeders.scp.acceptor import Acceptor
+from feeders.scp.acceptor import SPOOL_DIR, Acceptor
 from feeders.scp.association import (
     build_ae,
     handle_association_request,
@@ -45,8 +45,6 @@ __all__ = ["SPOOL_DIR", "StorageSCP", "serve"]
 
 log = logging.getLogger(__name__)
 
-#: pynetdicom's spool files, inside the storage root so that placing one is a link.
-SPOOL_DIR = ".spool"
 
 
 def _store_or_refuse(event: Any, deps: StoreDeps) -> int:
@@ -227,7 +225,9 @@ class StorageSCP:
         try:
             if own is not None:
                 try:
-                    asyncio.run_coroutine_threadsafe(acceptor.close(grace_s), own).result(grace_s + 30.0)
+                    # Grace, then stores in flight finish: each waits at most for its publish.
+                    asyncio.run_coroutine_threadsafe(acceptor.close(grace_s), own).result(
+                        grace_s + self.config.publish_timeout_s + 30.0)
                 finally:
                     own.call_soon_threadsafe(own.stop)
                     if thread is not None:
@@ -314,7 +314,9 @@ async def serve(settings: Settings, *, broker_url: str | None = None, profile: B
             on_started(scp)
         await stop.wait()
     finally:
-        await scp.aclose()
-        await publisher.stop()
+        try:
+            await scp.aclose()
+        finally:
+            await publisher.stop()
         for sig in installed:
             loop.remove_signal_handler(sig)

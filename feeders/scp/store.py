@@ -78,6 +78,10 @@ class StoreRequest:
     spool: Path | None = None
     data: bytes | None = None
 
+    def __post_init__(self) -> None:
+        if (self.spool is None) == (self.data is None):
+            raise ValueError("a StoreRequest carries its data set either spooled or in memory")
+
 
 def _valid_uid(value: str | None) -> bool:
     return value is not None and 0 < len(value) <= _UID_MAX
@@ -119,7 +123,7 @@ def store_instance(req: StoreRequest, deps: StoreDeps) -> int:
     transfer_syntax = req.transfer_syntax
     spool, data = req.spool, req.data
     try:
-        header = read_instance_header(data if spool is None else spool)  # type: ignore[arg-type]
+        header = read_instance_header(spool if spool is not None else cast(bytes, data))
     except (ExtractionError, FileAccessError) as exc:
         log.warning("store refused trace_id=%s reason=undecodable calling_ae=%s source_ip=%s error=%s",
                     trace_id, calling, ip, exc.message)

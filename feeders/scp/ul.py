@@ -20,7 +20,8 @@ from pydicom.uid import generate_uid
 
 __all__ = [
     "UlError", "AssociateRQ", "PresentationContext", "parse_associate_rq", "associate_ac", "associate_rj",
-    "release_rp", "abort", "iter_pdvs", "p_data", "parse_command", "command", "file_meta", "uid_bytes",
+    "release_rp", "abort", "iter_pdvs", "p_data", "parse_command", "command", "file_meta", "uid_bytes", "uid_text",
+    "UNRECOGNISED_PDU", "UNEXPECTED_PDU", "INVALID_PARAMETER",
     "A_ASSOCIATE_RQ", "A_ASSOCIATE_AC", "A_ASSOCIATE_RJ", "P_DATA_TF", "A_RELEASE_RQ", "A_RELEASE_RP", "A_ABORT",
     "APPLICATION_CONTEXT", "IMPLEMENTATION_CLASS_UID", "IMPLEMENTATION_VERSION",
 ]
@@ -39,8 +40,17 @@ _PDV = struct.Struct(">IBB")
 _ELEMENT = struct.Struct("<HHI")
 
 
+#: A-ABORT reasons (PS3.8 9.3.8, source 2: the service provider).
+UNRECOGNISED_PDU, UNEXPECTED_PDU, INVALID_PARAMETER = 1, 2, 6
+
+
 class UlError(ValueError):
-    """A PDU or a command set that does not follow PS3.8 / PS3.7: the association is aborted."""
+    """A PDU or a command set that does not follow PS3.8 / PS3.7: the association is aborted
+    with ``reason`` (PS3.8 9.3.8)."""
+
+    def __init__(self, message: str, reason: int = INVALID_PARAMETER) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +79,13 @@ class AssociateRQ:
         return self.called_ae.decode("ascii", "replace").strip()
 
 
-def _uid(raw: bytes | memoryview) -> str:
-    return bytes(raw).rstrip(b"\0 ").decode("ascii", "replace")
+def uid_text(raw: bytes | memoryview) -> str:
+    """A UID (or AE title) value as text; :class:`UlError` if it is not ASCII."""
+    try:
+        return bytes(raw).rstrip(b"\0 ").decode("ascii")
+    except UnicodeDecodeError:
+        raise UlError(f"a UID that is not ASCII: {bytes(raw)[:64]!r}") from None
+
 
 
 def uid_bytes(value: str) -> bytes:
@@ -99,16 +114,16 @@ def parse_associate_rq(body: bytes) -> AssociateRQ:
                      calling_ae=body[20:36])
     for kind, item in _items(body, 68):
         if kind == 0x10:
-            rq.application_context = _uid(item)
+            rq.application_context = uid_text(item)
         elif kind == 0x20:
             if len(item) < 4:
                 raise UlError("presentation context item shorter than 4 bytes")
             abstract, syntaxes = "", []
             for sub, value in _items(item, 4):
                 if sub == 0x30:
-                    abstract = _uid(value)
+                    abstract = uid_text(value)
                 elif sub == 0x40:
-                    syntaxes.append(_uid(value))
+                    syntaxes.append(uid_text(value))
             rq.contexts.append(PresentationContext(item[0], abstract, tuple(syntaxes)))
         elif kind == 0x50:
             for sub, value in _items(item, 0):
