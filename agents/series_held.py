@@ -89,6 +89,9 @@ class HeldSeriesStage:
                      "(%s s), so windows close at their end only", quiet_s, window_s)
         #: The highest source offset handed to this stage per partition (monotonic "read to").
         self._read_to: dict[TopicPartition, int] = {}
+        #: The latest event time (broker timestamp, s) read per source partition: a window whose
+        #: end it passed has seen every instance it will get from that partition.
+        self._event_time: dict[TopicPartition, float] = {}
         #: When each series last closed quiet (monotonic): spaces the quiet closes. Closes at a
         #: window's end or at its size limit are not counted: they must not delay the next window's.
         self._quiet_at: dict[bytes, float] = {}
@@ -126,6 +129,8 @@ class HeldSeriesStage:
             firsts: dict[TopicPartition, int] = agg["firsts"]
             tp = (topic, partition)
             firsts[tp] = min(firsts.get(tp, offset), offset)
+            if timestamp:
+                self._event_time[tp] = max(self._event_time.get(tp, 0.0), timestamp)
             sops: list[str] = agg["sops"]
             if msg["sop_uid"] not in sops:
                 sops.append(msg["sop_uid"])
@@ -187,7 +192,7 @@ class HeldSeriesStage:
                                               + (1 if getattr(self.app, "rebalancing", False) else 0))
         now, mono = time.time(), time.monotonic()
         for key, agg in self.windows.iter_windows():
-            if now >= agg["w"] + self.window_s:
+            if self._over(agg, now):
                 self._close_early(key)
             elif self._quiet(key, agg, mono):
                 self.counters["quiet_closes"] += 1
@@ -214,6 +219,37 @@ class HeldSeriesStage:
             cutoff = time.monotonic() - self.window_s
             self._quiet_at = {k: t for k, t in self._quiet_at.items() if t >= cutoff}
 
+    def _over(self, agg: dict[str, Any], now: float) -> bool:
+        """The window's time is over, and it has seen every instance it will get.
+
+        A worker catching up (started after the instances were published, or behind) reads
+        windows whose wall-clock time is long over: closing them at once would write a series
+        once per batch read, not once per window. So a window whose time is over closes when
+        each partition it came from is read past the window's end (a later event was read) or
+        to the partition's end. Never when too many events are held: a lagging window must not
+        stop the reading that would close it."""
+        end = agg["w"] + self.window_s
+        if now < end:
+            return False
+        if self.windows.held_count() >= MAX_HELD // 2:
+            return True
+        for tp in agg["firsts"]:
+            if self._event_time.get(tp, 0.0) >= end:
+                continue
+            if self._caught_up(tp) is False:
+                return False
+        return True
+
+    def _caught_up(self, tp: TopicPartition) -> bool | None:
+        """Read to the partition's high watermark (None: not known, no consumer yet)."""
+        try:
+            highwater = self.app.consumer.highwater(TP(*tp))
+        except Exception:  # noqa: BLE001 - no consumer (yet)
+            return None
+        if highwater is None:
+            return None
+        return self._read_to.get(tp, -1) + 1 >= highwater
+
     def _quiet(self, key: bytes, agg: dict[str, Any], mono: float) -> bool:
         """The series went quiet with its partitions read to the end, and did not close quiet in
         the last window length (the spacing that bounds what a pausing sender costs)."""
@@ -221,14 +257,8 @@ class HeldSeriesStage:
             return False
         if mono - self._quiet_at.get(key, float("-inf")) < self.window_s:
             return False
-        for tp in agg["firsts"]:
-            try:
-                highwater = self.app.consumer.highwater(TP(*tp))
-            except Exception:  # noqa: BLE001 - no consumer (yet): not known, no early close
-                return False
-            if highwater is None or self._read_to.get(tp, -1) + 1 < highwater:
-                return False  # more of the partition is in the broker: perhaps more of this series
-        return True
+        # Unknown (no consumer yet) is not read to the end: no early close.
+        return all(self._caught_up(tp) for tp in agg["firsts"])
 
     async def _emit(self, key: bytes, agg: dict[str, Any]) -> None:
         row = dict(agg["state"])
@@ -258,6 +288,7 @@ class HeldSeriesStage:
         # Every partition kept is read again from its committed offset (not only those with
         # windows): what was read to is unknown until it is handed here again.
         self._read_to.clear()
+        self._event_time.clear()
         release(self.app, dropped)
         for forget in self.forgetters:
             forget(tps)
