@@ -50,11 +50,12 @@ logger = logging.getLogger(__name__)
 
 #: How often batches are checked against DICOMFLOW_DORIS_MAX_INTERVAL.
 TICK_S = 0.5
-#: A batch is loaded early for an idle partition only once the partition's previous load is
-#: this old: at most one such load per partition and table every few seconds, however sparse the
-#: traffic. (Measured from the previous load, not from the batch's start: a burst's last batch
-#: usually began at the previous load and is young, and waiting for it to age only delayed the
-#: burst's last rows, by 3-5 s in bench.cost.)
+#: A batch is loaded early for an idle partition only once the partition's previous idle load
+#: is this old: at most one such load per partition and table every few seconds, however sparse
+#: the traffic. (Measured from the previous idle load, not from the batch's start nor from the
+#: previous load: a burst's last batch follows a full batch loaded on its size, and waiting for
+#: either to age only delayed the burst's last rows, by 2-5 s in bench.cost. Loads on size are
+#: bounded by their size.)
 IDLE_FLUSH_MIN_AGE_S = 5.0
 #: How often a worker on an external broker deletes loaded keys older than their retention.
 PRUNE_EVERY_S = 3600.0
@@ -118,7 +119,7 @@ class DorisStage:
         The interval exists to make batches large under load; once a partition delivers
         nothing more, waiting out the interval only delays the burst's tail. Quiet means both:
         no event for ``idle_flush_s`` and the batch ends at the partition's high watermark; and the
-        partition's previous load must be ``idle_flush_min_age_s`` old, which bounds how often
+        partition's previous idle load must be ``idle_flush_min_age_s`` old, which bounds how often
         sparse traffic loads.
         The watermark matters: while this stage waits for one partition's load, it reads no
         event at all, so every other partition looks quiet although the consumer holds its
@@ -132,10 +133,11 @@ class DorisStage:
         now = time.monotonic()
         for partition, part in list(self.batcher.parts.items()):
             if (part.first is not None and part.last is not None and part.forced_end is None
-                    and now - part.loaded_at >= self.idle_flush_min_age_s
+                    and now - part.idle_loaded_at >= self.idle_flush_min_age_s
                     and now - self.last_event.get(partition, 0.0) >= self.idle_flush_s
                     and (hw := self.highwater(partition)) is not None and part.last + 1 >= hw):
                 self.batcher.counters["idle_flushes"] += 1
+                part.idle_loaded_at = now
                 await self.batcher.flush(partition)
 
     async def consume(self, stream: StreamT[Any]) -> None:

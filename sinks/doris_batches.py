@@ -119,8 +119,9 @@ class _Partition(Generic[E]):
     forced_end: int | None = None
     replay: bool = False
     intent_recorded: bool = False
-    #: When this partition's previous batch was loaded (monotonic): idle loads are spaced by it.
-    loaded_at: float = float("-inf")
+    #: When this partition's previous batch was loaded early for being idle (monotonic): idle
+    #: loads are spaced by it. Loads on size need no spacing (their size bounds them).
+    idle_loaded_at: float = float("-inf")
 
 
 class DorisBatcher(Generic[E]):
@@ -339,7 +340,6 @@ class DorisBatcher(Generic[E]):
                 await self.ports.ack(event)
             part.events, part.items, part.nbytes = [], [], 0
             part.first = part.last = part.forced_end = None
-            part.loaded_at = time.monotonic()
 
     async def _record_intent(self, partition: int, part: _Partition[E], rng: Range) -> None:
         part.intents = remember(part.intents, rng, self.ports.committed(partition))
