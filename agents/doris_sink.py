@@ -210,7 +210,8 @@ def _stage(app: DicomflowApp, settings: Settings, spec: TopicSpec, client: Strea
             return None
         return int(value) if value is not None else None
 
-    return DorisStage(spec, batcher, guard, acks, idle_flush_s=settings.doris_idle_flush, highwater=highwater)
+    return DorisStage(spec, batcher, guard, acks, idle_flush_s=settings.doris_idle_flush,
+                      idle_flush_min_age_s=settings.doris_idle_spacing, highwater=highwater)
 
 
 def register(app: DicomflowApp, settings: Settings) -> None:

@@ -321,10 +321,13 @@ class Settings:
     doris_max_bytes: int
     doris_max_interval: float
     doris_dedup_window: int
-    #: A batch whose partition received nothing for this long (and whose previous load is at least
-    #: 5 s old) is loaded then, not at _MAX_INTERVAL: a burst's tail reaches Doris about a second
-    #: after it (0: off).
+    #: A batch whose partition received nothing for this long (and whose previous idle load is at
+    #: least doris_idle_spacing old) is loaded then, not at _MAX_INTERVAL: a burst's tail reaches
+    #: Doris about a second after it (0: off).
     doris_idle_flush: float
+    #: Idle loads of one partition and table are at least this far apart: however sparse the
+    #: traffic, it makes at most one small load per partition and table per interval.
+    doris_idle_spacing: float
     ingest_processes: int
     scp_host: str
     scp_port: int
@@ -465,6 +468,7 @@ class Settings:
             doris_max_interval=_float(env, "DICOMFLOW_DORIS_MAX_INTERVAL", 20.0, minimum=0.05),
             doris_dedup_window=_int(env, "DICOMFLOW_DORIS_DEDUP_WINDOW", 100_000, minimum=0),
             doris_idle_flush=_float(env, "DICOMFLOW_DORIS_IDLE_FLUSH", 1.0, minimum=0.0),
+            doris_idle_spacing=_float(env, "DICOMFLOW_DORIS_IDLE_SPACING", 5.0, minimum=0.0),
             doris_be_allowlist=_host_list(env, "DICOMFLOW_DORIS_BE_ALLOWLIST"),
             # On 2 cores the pool's process hop costs more than the overlap gains (issue #15).
             ingest_processes=_int(env, "DICOMFLOW_INGEST_PROCESSES", _default_parse_processes(), minimum=0),

@@ -13,6 +13,8 @@ def test_defaults_use_the_embedded_stack() -> None:
     assert s.embedded_broker and s.profile is EMBEDDED_PROFILE
     assert str(s.storage_root) == "/data/storage" and s.series_window_seconds == 5.0
     assert s.postgres_dsn is None and not s.doris_enabled
+    assert (s.doris_idle_flush, s.doris_idle_spacing) == (1.0, 5.0)
+    assert Settings.from_env({"DICOMFLOW_DORIS_IDLE_SPACING": "2.5"}).doris_idle_spacing == 2.5
 
 
 def test_production_broker_keeps_normal_client_settings() -> None:
@@ -24,7 +26,8 @@ def test_production_broker_keeps_normal_client_settings() -> None:
                                              ("DICOMFLOW_SERIES_WINDOW_SECONDS", "soon"),
                                              ("DICOMFLOW_BROKER", "localhost:9092"),
                                              ("DICOMFLOW_TENANT_BY_CALLING_AE", "CT01"),
-                                             ("DICOMFLOW_BROKER_PROFILE", "rabbit")])
+                                             ("DICOMFLOW_BROKER_PROFILE", "rabbit"),
+                                             ("DICOMFLOW_DORIS_IDLE_SPACING", "-1")])
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({name: value})
