@@ -136,9 +136,8 @@ class DorisStage:
                     and now - part.idle_loaded_at >= self.idle_flush_min_age_s
                     and now - self.last_event.get(partition, 0.0) >= self.idle_flush_s
                     and (hw := self.highwater(partition)) is not None and part.last + 1 >= hw):
-                self.batcher.counters["idle_flushes"] += 1
-                part.idle_loaded_at = now
-                await self.batcher.flush(partition)
+                if await self.batcher.flush(partition, idle=True):
+                    self.batcher.counters["idle_flushes"] += 1
 
     async def consume(self, stream: StreamT[Any]) -> None:
         manual = cast(Stream[Any], stream).noack()

@@ -167,6 +167,8 @@ class HeldSeriesStage:
                 self.ackers.setdefault(m.topic, ack)
             self.windows.hold(tp, m.offset, event)
             self._read_to[tp] = max(self._read_to.get(tp, -1), m.offset)
+            if m.timestamp:  # events without an instance (dead letters) advance event time too
+                self._event_time[tp] = max(self._event_time.get(tp, 0.0), m.timestamp)
             touched.add(tp)
         for tp in touched:
             await self._release(tp)

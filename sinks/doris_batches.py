@@ -299,12 +299,17 @@ class DorisBatcher(Generic[E]):
             if self._due(part, now):
                 await self.flush(partition)
 
-    async def flush(self, partition: int) -> None:
-        """Record the batch's intent, load it (retrying), then ack its events: add -> flush -> commit."""
+    async def flush(self, partition: int, *, idle: bool = False) -> bool:
+        """Record the batch's intent, load it (retrying), then ack its events: add -> flush -> commit.
+
+        ``idle``: loaded early for an idle partition, which stamps ``idle_loaded_at`` (only if a
+        batch was there to load: a size load may have taken it meanwhile). Whether it loaded."""
         async with self.lock:
             part = self.parts.get(partition)
             if part is None or part.first is None or part.last is None:
-                return
+                return False
+            if idle:
+                part.idle_loaded_at = time.monotonic()
             first, last = part.first, part.last
             events, items = part.events, part.items
 
@@ -335,11 +340,12 @@ class DorisBatcher(Generic[E]):
                                        should_stop=self.ports.should_stop)
             except RetryAborted:
                 self.drop(partition)
-                return
+                return False
             for event in events:
                 await self.ports.ack(event)
             part.events, part.items, part.nbytes = [], [], 0
             part.first = part.last = part.forced_end = None
+            return True
 
     async def _record_intent(self, partition: int, part: _Partition[E], rng: Range) -> None:
         part.intents = remember(part.intents, rng, self.ports.committed(partition))

@@ -6,6 +6,7 @@ Issue #14, item 4.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -184,53 +185,76 @@ def loop_time() -> float:
     return asyncio.get_running_loop().time()
 
 
+@contextlib.asynccontextmanager
+async def _idle_stage(broker: EmbeddedBroker, emulator: DorisEmulator, n: int, max_rows: int, spacing: float,
+                      highwater: dict[int, int]) -> AsyncIterator[_IdleStage]:
+    """``n`` log rows in the broker and a stage over them, with its Stream Load client."""
+    values = await _preloaded_log(broker, n)
+    client = StreamLoadClient(emulator.fe_url, emulator.user, emulator.password)
+    await client.start()
+    try:
+        yield _IdleStage(broker, emulator, client, values, max_rows, spacing, highwater)
+    finally:
+        await client.stop()
+
+
+class _IdleStage:
+    """A log-topic stage with idle loads (quiet 0.2 s, spaced by ``spacing``), fed offsets on demand."""
+
+    def __init__(self, broker: EmbeddedBroker, emulator: DorisEmulator, client: StreamLoadClient,
+                 values: list[bytes], max_rows: int, spacing: float, highwater: dict[int, int]) -> None:
+        self.emulator, self.values = emulator, values
+        spec = next(s for s in DORIS_OUTPUTS if s.name == LOG)
+        self.ports = Ports(emulator)
+        self.batcher: DorisBatcher[Any] = DorisBatcher(
+            DorisTableSink(client, db=DB, table=OBJECT), LOG, self.ports.ports(),
+            BatchLimits(max_rows, 1 << 30, 3600.0, 100), kind="object", dedup_trace=False)
+        self.batcher.counters["idle_flushes"] = 0
+        self.stage = DorisStage(spec, self.batcher, GapGuard(_app(broker), LOG), _ManualAck(), idle_flush_s=0.2,
+                                idle_flush_min_age_s=spacing, highwater=highwater.get)
+
+    async def feed(self, offsets: range) -> None:
+        async def source() -> AsyncIterator[_Event]:
+            for offset in offsets:
+                yield _Event(LOG, offset, self.values[offset])
+
+        await self.stage.consume(_Stream(source(), []))  # type: ignore[arg-type]
+
+    async def until_rows(self, n: int) -> float:
+        """Tick until ``n`` rows are loaded; when (loop time)."""
+        deadline = loop_time() + 10
+        while len(self.emulator.rows(OBJECT)) < n:
+            assert loop_time() < deadline, f"{n} rows were not loaded"
+            await self.stage.tick()
+            await asyncio.sleep(0.05)
+        return loop_time()
+
+    def acked(self) -> list[int]:
+        return [e.message.offset for e in self.ports.acked]  # type: ignore[attr-defined]
+
+
 async def test_a_tail_loads_once_quiet_however_young_its_batch_but_idle_loads_stay_spaced(
         fresh_broker: EmbeddedBroker, doris_emulator: DorisEmulator) -> None:
     """Issue #15: the burst's last batch is often young (it began after the previous idle load), and
     waiting for it to age delayed the last rows by seconds. The idle bound is on the spacing of a
     partition's loads instead: once quiet, a batch loads if the partition's previous idle load is at
     least the minimum age old, so sparse traffic still makes at most one idle load per interval."""
-    values = await _preloaded_log(fresh_broker, 5)
-    client = StreamLoadClient(doris_emulator.fe_url, doris_emulator.user, doris_emulator.password)
-    await client.start()
-    try:
-        spec = next(s for s in DORIS_OUTPUTS if s.name == LOG)
-        ports = Ports(doris_emulator)
-        batcher: DorisBatcher[Any] = DorisBatcher(DorisTableSink(client, db=DB, table=OBJECT), LOG, ports.ports(),
-                                                  BatchLimits(100, 1 << 30, 3600.0, 100), kind="object",
-                                                  dedup_trace=False)
-        batcher.counters["idle_flushes"] = 0
-        highwater = {0: 3}
-        spacing = 2.0
-        stage = DorisStage(spec, batcher, GapGuard(_app(fresh_broker), LOG), _ManualAck(), idle_flush_s=0.2,
-                           idle_flush_min_age_s=spacing, highwater=highwater.get)
-
-        async def source(offsets: range) -> AsyncIterator[_Event]:
-            for offset in offsets:
-                yield _Event(LOG, offset, values[offset])
-
-        async def until_rows(n: int) -> float:
-            deadline = loop_time() + 10
-            while len(doris_emulator.rows(OBJECT)) < n:
-                assert loop_time() < deadline, f"{n} rows were not loaded"
-                await stage.tick()
-                await asyncio.sleep(0.05)
-            return loop_time()
-
+    highwater = {0: 3}
+    spacing = 2.0
+    async with _idle_stage(fresh_broker, doris_emulator, 5, 100, spacing, highwater) as idle:
         started = loop_time()
-        await stage.consume(_Stream(source(range(3)), []))  # type: ignore[arg-type]
-        first_load = await until_rows(3)
+        await idle.feed(range(3))
+        first_load = await idle.until_rows(3)
         # Loaded once quiet (0.2 s), long before the batch was `spacing` old.
         assert first_load - started < spacing - 0.5
         highwater[0] = 5
-        await stage.consume(_Stream(source(range(3, 5)), []))  # type: ignore[arg-type]
-        second_load = await until_rows(5)
-        # Quiet again at once, but the partition's previous load was too recent: spaced.
-        assert second_load - first_load >= spacing - 0.1
-        assert batcher.counters["idle_flushes"] == 2 and len(doris_emulator.loads) == 2
-        assert [e.message.offset for e in ports.acked] == [0, 1, 2, 3, 4]  # type: ignore[attr-defined]
-    finally:
-        await client.stop()
+        await idle.feed(range(3, 5))
+        second_load = await idle.until_rows(5)
+        # Quiet again at once, but the partition's previous idle load was too recent: spaced
+        # (unspaced, it would follow after the 0.2 s quiet; the margin absorbs the loads' own time).
+        assert second_load - first_load >= spacing - 0.5
+        assert idle.batcher.counters["idle_flushes"] == 2 and len(doris_emulator.loads) == 2
+        assert idle.acked() == [0, 1, 2, 3, 4]
 
 
 async def test_a_burst_tail_after_a_full_load_loads_once_quiet_and_idle_loads_stay_spaced(
@@ -239,45 +263,19 @@ async def test_a_burst_tail_after_a_full_load_loads_once_quiet_and_idle_loads_st
     than the idle spacing, and waiting out the spacing delayed the burst's last Doris rows by up
     to 5 s (bench.cost: last PostgreSQL row 2.6 s, last Doris row 4.6 s after the last C-STORE).
     Full loads are bounded by their size; only idle loads need spacing, from the previous idle load."""
-    values = await _preloaded_log(fresh_broker, 7)
-    client = StreamLoadClient(doris_emulator.fe_url, doris_emulator.user, doris_emulator.password)
-    await client.start()
-    try:
-        spec = next(s for s in DORIS_OUTPUTS if s.name == LOG)
-        ports = Ports(doris_emulator)
-        batcher: DorisBatcher[Any] = DorisBatcher(DorisTableSink(client, db=DB, table=OBJECT), LOG, ports.ports(),
-                                                  BatchLimits(3, 1 << 30, 3600.0, 100), kind="object",
-                                                  dedup_trace=False)
-        batcher.counters["idle_flushes"] = 0
-        highwater = {0: 5}
-        spacing = 2.0
-        stage = DorisStage(spec, batcher, GapGuard(_app(fresh_broker), LOG), _ManualAck(), idle_flush_s=0.2,
-                           idle_flush_min_age_s=spacing, highwater=highwater.get)
-
-        async def source(offsets: range) -> AsyncIterator[_Event]:
-            for offset in offsets:
-                yield _Event(LOG, offset, values[offset])
-
-        async def until_rows(n: int) -> float:
-            deadline = loop_time() + 10
-            while len(doris_emulator.rows(OBJECT)) < n:
-                assert loop_time() < deadline, f"{n} rows were not loaded"
-                await stage.tick()
-                await asyncio.sleep(0.05)
-            return loop_time()
-
+    highwater = {0: 5}
+    spacing = 2.0
+    async with _idle_stage(fresh_broker, doris_emulator, 7, 3, spacing, highwater) as idle:
         # The burst: a full batch of 3 loads on its size, its tail of 2 waits for quiet only.
-        started = loop_time()
-        await stage.consume(_Stream(source(range(5)), []))  # type: ignore[arg-type]
-        assert len(doris_emulator.rows(OBJECT)) == 3 and batcher.counters["idle_flushes"] == 0
-        tail_load = await until_rows(5)
-        assert tail_load - started < spacing - 0.5, "the tail waited for the idle spacing after a full load"
+        await idle.feed(range(5))
+        full_loaded = loop_time()  # the full batch loaded inside feed(), on its size
+        assert len(doris_emulator.rows(OBJECT)) == 3 and idle.batcher.counters["idle_flushes"] == 0
+        tail_load = await idle.until_rows(5)
+        assert tail_load - full_loaded < spacing - 0.5, "the tail waited for the idle spacing after a full load"
         # The next quiet batch is an idle load again: spaced from the previous idle load.
         highwater[0] = 7
-        await stage.consume(_Stream(source(range(5, 7)), []))  # type: ignore[arg-type]
-        next_idle = await until_rows(7)
-        assert next_idle - tail_load >= spacing - 0.1
-        assert batcher.counters["idle_flushes"] == 2 and len(doris_emulator.loads) == 3
-        assert [e.message.offset for e in ports.acked] == list(range(7))  # type: ignore[attr-defined]
-    finally:
-        await client.stop()
+        await idle.feed(range(5, 7))
+        next_idle = await idle.until_rows(7)
+        assert next_idle - tail_load >= spacing - 0.5
+        assert idle.batcher.counters["idle_flushes"] == 2 and len(doris_emulator.loads) == 3
+        assert idle.acked() == list(range(7))

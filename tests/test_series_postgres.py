@@ -89,6 +89,18 @@ async def _windows_spanned(broker: EmbeddedBroker) -> int:
     return len(spans)
 
 
+async def _writes_within_windows(dsn: str, broker: EmbeddedBroker, want: dict[str, int]) -> int:
+    """One write per series per window: PostgreSQL's own counters against the windows the
+    instances actually spanned (from their broker timestamps). Statistics of another session are
+    published when it ends, so stop the worker first. The number of writes."""
+    async with _connect(dsn) as conn:
+        writes = await row_writes(conn)
+    windows = await _windows_spanned(broker)
+    assert writes >= len(want), "statistics not visible: the check below would prove nothing"
+    assert writes <= windows, f"{writes} row writes for {windows} series-windows"
+    return writes
+
+
 async def _stable(dsn: str, want: dict[str, int], quiet: float) -> list[dict[str, Any]]:
     """Rows match now and still match after `quiet` seconds (no late double count)."""
     await _wait_rows(dsn, want)
@@ -113,11 +125,7 @@ async def test_burst_one_row_per_series_and_bounded_writes(fresh_broker: Embedde
         # the instances actually spanned (from their broker timestamps). Statistics of
         # another session are published when it ends, so stop the worker first.
         worker.stop()
-        async with _connect(pg_dsn) as conn:
-            writes = await row_writes(conn)
-        windows = await _windows_spanned(fresh_broker)
-        assert writes >= len(want), "statistics not visible: the check below would prove nothing"
-        assert writes <= windows, f"{writes} row writes for {windows} series-windows"
+        writes = await _writes_within_windows(pg_dsn, fresh_broker, want)
         assert writes < len(files), "debounce did not debounce"
         # With the facts in the index, the window is not kept in the broker (issue #15): no
         # changelog record per instance.
@@ -154,11 +162,7 @@ async def test_a_backlog_is_written_once_per_series_window(fresh_broker: Embedde
         await _stable(pg_dsn, want, quiet=3 * WINDOW_S)
     finally:
         worker.stop()
-    async with _connect(pg_dsn) as conn:
-        writes = await row_writes(conn)
-    windows = await _windows_spanned(fresh_broker)
-    assert writes >= len(want), "statistics not visible: the check below would prove nothing"
-    assert writes <= windows, f"{writes} row writes for {windows} series-windows"
+    await _writes_within_windows(pg_dsn, fresh_broker, want)
 
 
 async def _topics(broker: EmbeddedBroker) -> set[str]:
