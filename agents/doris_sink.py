@@ -31,6 +31,7 @@ from faust.types import TP, EventT, StreamT
 
 from agents.gaps import GapGuard
 from agents.sink_support import dead_letter_rejected, event_bytes, release, serve_sink, stopping
+from core.settings import DORIS_IDLE_SPACING_S
 from sinks.base import Rejected, RetryAborted, retry_until_done
 from sinks.doris import DorisTableSink, StreamLoadClient
 from sinks.doris_batches import BatchLimits, DorisBatcher, DorisPorts
@@ -50,13 +51,6 @@ logger = logging.getLogger(__name__)
 
 #: How often batches are checked against DICOMFLOW_DORIS_MAX_INTERVAL.
 TICK_S = 0.5
-#: A batch is loaded early for an idle partition only once the partition's previous idle load
-#: is this old: at most one such load per partition and table every few seconds, however sparse
-#: the traffic. (Measured from the previous idle load, not from the batch's start nor from the
-#: previous load: a burst's last batch follows a full batch loaded on its size, and waiting for
-#: either to age only delayed the burst's last rows, by 2-5 s in bench.cost. Loads on size are
-#: bounded by their size.)
-IDLE_FLUSH_MIN_AGE_S = 5.0
 #: How often a worker on an external broker deletes loaded keys older than their retention.
 PRUNE_EVERY_S = 3600.0
 
@@ -107,7 +101,7 @@ class DorisStage:
     acks: _ManualAck
     #: DICOMFLOW_DORIS_IDLE_FLUSH (0: batches close only on rows, bytes or max interval).
     idle_flush_s: float = 0.0
-    idle_flush_min_age_s: float = IDLE_FLUSH_MIN_AGE_S
+    idle_flush_min_age_s: float = DORIS_IDLE_SPACING_S
     #: The partition's high watermark as the consumer last fetched it (None: not known yet).
     highwater: Callable[[int], int | None] = lambda partition: None
     #: When each partition last delivered an event (monotonic).

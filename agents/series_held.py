@@ -129,8 +129,6 @@ class HeldSeriesStage:
             firsts: dict[TopicPartition, int] = agg["firsts"]
             tp = (topic, partition)
             firsts[tp] = min(firsts.get(tp, offset), offset)
-            if timestamp:
-                self._event_time[tp] = max(self._event_time.get(tp, 0.0), timestamp)
             sops: list[str] = agg["sops"]
             if msg["sop_uid"] not in sops:
                 sops.append(msg["sop_uid"])
@@ -167,7 +165,7 @@ class HeldSeriesStage:
                 self.ackers.setdefault(m.topic, ack)
             self.windows.hold(tp, m.offset, event)
             self._read_to[tp] = max(self._read_to.get(tp, -1), m.offset)
-            if m.timestamp:  # events without an instance (dead letters) advance event time too
+            if m.timestamp:  # every event read, with or without an instance (a dead letter)
                 self._event_time[tp] = max(self._event_time.get(tp, 0.0), m.timestamp)
             touched.add(tp)
         for tp in touched:

@@ -110,6 +110,14 @@ def index_kind(dsn: str) -> str | None:
 # -- end series index --
 
 
+#: A batch is loaded early for an idle partition only once the partition's previous idle load
+#: is this old (DICOMFLOW_DORIS_IDLE_SPACING): at most one such load per partition and table
+#: every few seconds, however sparse the traffic. Measured from the previous idle load, not from
+#: the batch's start nor from the previous load: a burst's last batch follows a full batch loaded
+#: on its size, and waiting for either to age only delayed the burst's last rows, by 2-5 s in
+#: bench.cost. Loads on size are bounded by their size.
+DORIS_IDLE_SPACING_S = 5.0
+
 #: Doris database and table names go into the Stream Load URL: identifiers only.
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
@@ -468,7 +476,8 @@ class Settings:
             doris_max_interval=_float(env, "DICOMFLOW_DORIS_MAX_INTERVAL", 20.0, minimum=0.05),
             doris_dedup_window=_int(env, "DICOMFLOW_DORIS_DEDUP_WINDOW", 100_000, minimum=0),
             doris_idle_flush=_float(env, "DICOMFLOW_DORIS_IDLE_FLUSH", 1.0, minimum=0.0),
-            doris_idle_spacing=_float(env, "DICOMFLOW_DORIS_IDLE_SPACING", 5.0, minimum=0.0),
+            doris_idle_spacing=_float(env, "DICOMFLOW_DORIS_IDLE_SPACING", DORIS_IDLE_SPACING_S,
+                                      minimum=0.0),
             doris_be_allowlist=_host_list(env, "DICOMFLOW_DORIS_BE_ALLOWLIST"),
             # On 2 cores the pool's process hop costs more than the overlap gains (issue #15).
             ingest_processes=_int(env, "DICOMFLOW_INGEST_PROCESSES", _default_parse_processes(), minimum=0),
