@@ -170,6 +170,11 @@ class HeldSeriesStage:
             touched.add(tp)
         for tp in touched:
             await self._release(tp)
+        if getattr(self.app, "should_stop", False):
+            # Handed here after the stop gave back what the windows held (a batch in flight when
+            # the signal came): Faust's stop waits for every unacked event, so give these back too.
+            # Not acked, they are read again after the restart.
+            self.release_held()
 
     async def _release(self, tp: TopicPartition) -> None:
         ack = self.ackers.get(tp[0])

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import orjson
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from agents.series_held import HeldSeriesStage, SeriesInstance
@@ -184,3 +185,29 @@ async def test_a_series_whose_window_crossed_a_boundary_still_closes_when_quiet(
         stage.release_held()
         await facts.stop()
         await producer.stop()
+
+
+class _Message:
+    """A consumer message as Faust tracks it: hashable, in the consumer's unacked set."""
+
+    def __init__(self, offset: int) -> None:
+        self.topic, self.partition, self.offset, self.timestamp = P0[0], P0[1], offset, time.time()
+
+
+async def test_events_held_after_the_stop_began_are_given_back_unacked() -> None:
+    """CI failure of 2026-12-03: SIGTERM arrived between two ingest batches; the second batch was
+    handed to the windows after the stop had given back what they held, so its events stayed in
+    Faust's unacked set and the worker's stop waited for them for ever (``wait_empty``). Held
+    while stopping, they are given back at once: not acked, so read again after the restart."""
+    messages = [_Message(offset) for offset in range(3)]
+    unacked = set(messages)
+    app = _App(bootstrap="127.0.0.1:1", settings=SimpleNamespace(app_id="stop-test"), should_stop=True,
+               rebalancing=False,
+               consumer=SimpleNamespace(_unacked_messages=unacked, highwater=lambda tp: None))
+    stage = HeldSeriesStage(app, 120.0, facts=None)  # type: ignore[arg-type]
+    events = [SimpleNamespace(message=m, ack=lambda: pytest.fail("acked while its window is open"))
+              for m in messages]
+    stage.add([_instance(m.offset, m.timestamp) for m in messages])
+    await stage.hold(events)  # type: ignore[arg-type]
+    assert not unacked, "held events still block the stop"
+    assert stage.windows.open_count() == 1  # the window itself is not flushed: nothing was written
